@@ -1,0 +1,430 @@
+"""``CodebookLayer``: a sparse, discrete bottleneck for one activation site.
+
+``y = combine(top-k codes of LayerNorm(a))`` replaces the activation ``a``. Groups live in one
+``(G, C, d/G)`` parameter. The layer keeps usage statistics, replaces dead codes, can be
+initialised by k-means, and carries intervention state (read, replace, append, ablate, bypass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import snap
+from .errors import CodebookError
+from .io import read_json, read_safetensors, write_json, write_safetensors
+
+CONFIG_NAME = "codebook_config.json"
+WEIGHTS_NAME = "codebook.safetensors"
+
+
+@dataclass
+class CodebookConfig:
+    """Settings of one codebook layer."""
+
+    dim: int
+    """Width of the activation the codebook replaces."""
+    num_codes: int = 10_000
+    """Codes per group."""
+    k: int = 1
+    """Codes chosen per token (and per group)."""
+    groups: int = 1
+    """Equal slices of the width, each with its own codebook and top-k (e.g. one per head)."""
+    similarity: str = "cosine"
+    """How inputs are matched to codes: cosine, inner or euclidean."""
+    combine: str = "mean"
+    """How the k chosen codes become the output: mean or sum."""
+    mse_coeff: float = 1.0
+    """Weight of MSE(output, stop_grad(input)) in the codebook gradient (lambda)."""
+    layernorm: bool = True
+    """Apply a LayerNorm with trainable affine to the input first."""
+    dead_code_window: int = 100
+    """Training steps without firing after which a code counts as dead."""
+    chunk_mib: float = 16.0
+    """Memory bound of one similarity block in the exact chunked search."""
+    check_finite: bool = True
+    """Reject NaN/inf inputs with a clear error (one host sync per forward)."""
+    name: str = "codebook"
+    """Name used in error messages and statistics."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a CodebookError naming the first impossible setting."""
+        n = self.name
+        for key in ("dim", "num_codes", "groups"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise CodebookError(f"{n}: {key} must be a positive integer, "
+                                    f"got {getattr(self, key)!r}")
+        if not isinstance(self.k, int) or not 1 <= self.k <= self.num_codes:
+            raise CodebookError(f"{n}: k={self.k!r} must be between 1 and num_codes="
+                                f"{self.num_codes}; lower k or add codes")
+        if self.dim % self.groups:
+            raise CodebookError(f"{n}: groups={self.groups} do not divide the width "
+                                f"dim={self.dim}; pick a divisor of {self.dim}")
+        if self.similarity not in snap.SIMILARITIES:
+            raise CodebookError(f"{n}: unknown similarity {self.similarity!r}; choose one of "
+                                f"{', '.join(snap.SIMILARITIES)}")
+        if self.combine not in snap.COMBINES:
+            raise CodebookError(f"{n}: unknown combine {self.combine!r}; choose one of "
+                                f"{', '.join(snap.COMBINES)}")
+        if self.mse_coeff < 0 or self.chunk_mib <= 0 or self.dead_code_window < 1:
+            raise CodebookError(f"{n}: mse_coeff must be >= 0, chunk_mib > 0 and "
+                                "dead_code_window >= 1")
+
+    @property
+    def group_dim(self) -> int:
+        return self.dim // self.groups
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CodebookError(f"unknown codebook config keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class Intervention:
+    """One edit of the chosen codes, applied after the search.
+
+    kind: ``replace`` (put ``codes[0]`` at ``slot``), ``append`` (add ``codes`` as extra slots)
+    or ``ablate`` (``codes`` contribute zero wherever chosen). ``positions`` index the token
+    axis (the input's second-to-last dimension); None means every position.
+    """
+
+    kind: str
+    codes: tuple[int, ...]
+    group: int = 0
+    slot: int = -1
+    positions: tuple[int, ...] | None = None
+
+
+@dataclass
+class CodebookStats:
+    """Summary of a layer's usage since the statistics were last reset."""
+
+    tokens: int
+    active_codes: int
+    dead_codes: int
+    dead_fraction: float
+    usage_entropy: float
+    """Mean over groups of the entropy (nats) of code usage."""
+    mse: float
+    fvu: float
+    """Fraction of variance unexplained: sum |y - x|^2 / sum |x - mean(x)|^2."""
+    activation_frequency: Tensor = field(repr=False)
+    """(G, C): activations of each code per token."""
+
+
+class CodebookLayer(nn.Module):
+    """A codebook bottleneck for activations of width ``config.dim`` (any leading shape)."""
+
+    def __init__(self, config: CodebookConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = CodebookConfig(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        self.config = config
+        g, c, dg = config.groups, config.num_codes, config.group_dim
+        self.ln = nn.LayerNorm(config.dim) if config.layernorm else None
+        self.codebook = nn.Parameter(torch.randn(g, c, dg))
+        # Statistics, saved with the layer so that a resumed run keeps its dead-code state.
+        self.register_buffer("code_counts", torch.zeros(g, c, dtype=torch.long))
+        self.register_buffer("last_fired", torch.zeros(g, c, dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("sse", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("sum_x", torch.zeros(config.dim, dtype=torch.float64))
+        self.register_buffer("sum_x2", torch.zeros((), dtype=torch.float64))
+        self.track_stats = True
+        self.bypass = False
+        self.interventions: list[Intervention] = []
+        self.last_codes: Tensor | None = None
+        self.last_scores: Tensor | None = None
+        self.last_mse: Tensor | None = None
+        self._recent: Tensor | None = None  # recent normed inputs (M, G, dg) for dead codes
+
+    # ------------------------------------------------------------------ forward
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"name={c.name!r}, dim={c.dim}, num_codes={c.num_codes}, k={c.k}, "
+                f"groups={c.groups}, similarity={c.similarity}, combine={c.combine}")
+
+    def normalize(self, a: Tensor) -> Tensor:
+        """The input as the codebook sees it: LayerNorm(a) (or a), in the codebook's dtype."""
+        self._check_input(a)
+        a = a.to(self.codebook.dtype)
+        return self.ln(a) if self.ln is not None else a
+
+    def _check_input(self, a: Tensor) -> None:
+        c = self.config
+        if not isinstance(a, Tensor) or a.dim() < 1 or a.shape[-1] != c.dim:
+            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+            raise CodebookError(f"{c.name}: input of shape {shape} has width "
+                                f"{shape[-1] if isinstance(a, Tensor) and a.dim() else '?'}, "
+                                f"but the codebook expects width {c.dim}")
+        if c.check_finite and not bool(torch.isfinite(a).all()):
+            raise CodebookError(f"{c.name}: input contains NaN or inf; no codes were chosen "
+                                "(check the model's activations, learning rate or precision)")
+
+    def search(self, x: Tensor) -> snap.SearchResult:
+        """Top-k codes of normed inputs ``x`` of shape ``(N, G, dg)``."""
+        c = self.config
+        return snap.search(x, self.codebook.detach(), c.k, c.similarity, c.chunk_mib)
+
+    def forward(self, a: Tensor) -> Tensor:
+        c = self.config
+        lead = a.shape[:-1]
+        x = self.normalize(a)
+        xg = x.reshape(-1, c.groups, c.group_dim)
+        codes, scores = self.search(xg.detach())
+        weights = snap.combine_weights(c.k, c.combine, codes)
+        if self.interventions:
+            codes, weights = self._intervene(codes, weights, lead)
+        self.last_codes = codes.view(*lead, c.groups, codes.shape[-1])
+        self.last_scores = scores.view(*lead, c.groups, c.k)
+        if self.bypass:
+            return a
+        y = snap.snap_combine(xg, self.codebook, codes, weights, c.mse_coeff)
+        with torch.no_grad():
+            err = (y - xg).pow(2).sum()
+            self.last_mse = err / xg.numel()
+            if self.training and self.track_stats:
+                self._update_stats(xg.detach(), codes, err)
+        return y.view(*lead, c.dim).to(a.dtype)
+
+    # ------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def _update_stats(self, xg: Tensor, codes: Tensor, err: Tensor) -> None:
+        c = self.config
+        flat = snap._flat_codes(codes, c.num_codes).reshape(-1)
+        counts = torch.bincount(flat, minlength=c.groups * c.num_codes)
+        self.step += 1
+        fired = counts.view(c.groups, c.num_codes) > 0
+        self.code_counts += counts.view(c.groups, c.num_codes)
+        self.last_fired.masked_fill_(fired, self.step)
+        n = xg.shape[0]
+        self.tokens_seen += n
+        self.sse += err.double()
+        xd = xg.reshape(n, c.dim).double()
+        self.sum_x += xd.sum(0)
+        self.sum_x2 += xd.pow(2).sum()
+        keep = min(n, 4096)
+        idx = torch.randperm(n, device=xg.device)[:keep] if keep < n else slice(None)
+        self._recent = xg[idx].clone()
+
+    def reset_stats(self) -> None:
+        """Zero the usage counters and error sums (the dead-code clock keeps running)."""
+        for name in ("code_counts", "tokens_seen", "sse", "sum_x", "sum_x2"):
+            getattr(self, name).zero_()
+
+    def dead_codes(self) -> Tensor:
+        """Bool ``(G, C)``: codes that have not fired in the last ``dead_code_window`` steps."""
+        return (self.step - self.last_fired) >= self.config.dead_code_window
+
+    def stats(self) -> CodebookStats:
+        """Usage, entropy, MSE, FVU and dead codes since the last ``reset_stats``."""
+        c = self.config
+        tokens = int(self.tokens_seen)
+        counts = self.code_counts.double()
+        totals = counts.sum(-1, keepdim=True)
+        p = counts / totals.clamp_min(1)
+        ent = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        dead = self.dead_codes()
+        mean_sq = self.sum_x2 - self.sum_x.pow(2).sum() / max(tokens, 1)
+        return CodebookStats(
+            tokens=tokens,
+            active_codes=int((self.code_counts > 0).sum()),
+            dead_codes=int(dead.sum()),
+            dead_fraction=float(dead.float().mean()),
+            usage_entropy=float(ent.mean()),
+            mse=float(self.sse / max(tokens * c.dim, 1)),
+            fvu=float(self.sse / mean_sq) if tokens and float(mean_sq) > 0 else float("nan"),
+            activation_frequency=(counts / max(tokens, 1)).float(),
+        )
+
+    # ------------------------------------------------- dead codes and init
+    @torch.no_grad()
+    def replace_dead_codes(self, inputs: Tensor | None = None, noise: float = 0.01,
+                           generator: torch.Generator | None = None) -> int:
+        """Re-initialise dead codes to random recent inputs plus small noise.
+
+        ``inputs``: normed inputs ``(M, G, dg)`` to draw from (default: a sample of the last
+        training batch). Returns how many codes were replaced. Deterministic given
+        ``generator`` (a CPU generator) and ``inputs``, so every process of a distributed run
+        can do the same.
+        """
+        dead = self.dead_codes()
+        src = inputs if inputs is not None else self._recent
+        if src is None:
+            raise CodebookError(f"{self.config.name}: no recent inputs to draw replacement "
+                                "codes from; run a training forward first or pass inputs")
+        src = src.to(self.codebook.device, self.codebook.dtype)
+        src = src.reshape(src.shape[0], self.config.groups, self.config.group_dim)
+        g_idx, c_idx = dead.nonzero(as_tuple=True)
+        n = g_idx.numel()
+        if n == 0:
+            return 0
+        # Random draws on the CPU generator, so that every process draws the same.
+        rows = torch.randint(src.shape[0], (n,), generator=generator)
+        eps = torch.randn(n, self.config.group_dim, generator=generator)
+        picked = src[rows.to(src.device), g_idx]
+        scale = picked.std().clamp_min(1e-6) if n > 1 else picked.abs().mean().clamp_min(1e-6)
+        picked = picked + noise * scale * eps.to(picked)
+        self.codebook[g_idx, c_idx] = picked
+        self.last_fired[g_idx, c_idx] = self.step
+        return n
+
+    @torch.no_grad()
+    def kmeans_init(self, activations: Tensor, iters: int = 20, seed: int = 0) -> None:
+        """Initialise every group's codes by k-means (FAISS) on raw activations ``(..., dim)``.
+
+        Cosine similarity uses spherical k-means. Needs at least ``num_codes`` activations.
+        """
+        import faiss
+
+        c = self.config
+        x = self.normalize(activations).reshape(-1, c.groups, c.group_dim)
+        if x.shape[0] < c.num_codes:
+            raise CodebookError(f"{c.name}: k-means init needs at least num_codes="
+                                f"{c.num_codes} activations, got {x.shape[0]}; pass more "
+                                "tokens or lower num_codes")
+        xn = x.float().cpu().numpy()
+        for g in range(c.groups):
+            km = faiss.Kmeans(c.group_dim, c.num_codes, niter=iters, seed=seed + g,
+                              spherical=c.similarity == "cosine", verbose=False,
+                              min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+            km.train(xn[:, g].copy())
+            self.codebook[g] = torch.from_numpy(km.centroids).to(self.codebook)
+        self.last_fired.fill_(int(self.step))
+
+    # --------------------------------------------------------- interventions
+    def replace_code(self, code: int, slot: int = -1, group: int = 0,
+                     positions: Sequence[int] | None = None) -> None:
+        """Force ``code`` into ``slot`` (default the weakest) of ``group``."""
+        self._add(Intervention("replace", (int(code),), group, slot, positions))
+
+    def append_code(self, code: int | Sequence[int], group: int = 0,
+                    positions: Sequence[int] | None = None) -> None:
+        """Add ``code`` (or several) as extra slots of ``group``; mean divides by the new count."""
+        codes = (code,) if isinstance(code, int) else tuple(code)
+        self._add(Intervention("append", tuple(int(x) for x in codes), group, -1, positions))
+
+    def ablate_codes(self, codes: int | Sequence[int], group: int = 0,
+                     positions: Sequence[int] | None = None) -> None:
+        """Make ``codes`` of ``group`` contribute zero wherever they are chosen."""
+        codes = (codes,) if isinstance(codes, int) else tuple(codes)
+        self._add(Intervention("ablate", tuple(int(x) for x in codes), group, -1, positions))
+
+    def clear_interventions(self) -> None:
+        self.interventions = []
+        self.bypass = False
+
+    def _add(self, iv: Intervention) -> None:
+        c = self.config
+        if not 0 <= iv.group < c.groups:
+            raise CodebookError(f"{c.name}: group {iv.group} does not exist "
+                                f"(groups 0..{c.groups - 1})")
+        bad = [x for x in iv.codes if not 0 <= x < c.num_codes]
+        if bad or not iv.codes:
+            raise CodebookError(f"{c.name}: code(s) {bad or '[]'} do not exist "
+                                f"(codes 0..{c.num_codes - 1})")
+        if iv.kind == "replace" and not -c.k <= iv.slot < c.k:
+            raise CodebookError(f"{c.name}: slot {iv.slot} does not exist (k={c.k})")
+        if iv.positions is not None:
+            iv.positions = tuple(int(p) for p in iv.positions)
+        self.interventions.append(iv)
+
+    def _intervene(self, codes: Tensor, weights: Tensor, lead: torch.Size) -> tuple[Tensor, Tensor]:
+        """Apply the interventions to ``codes``/``weights`` of shape ``(N, G, K)``."""
+        c = self.config
+        n = codes.shape[0]
+        dev = codes.device
+        present = torch.ones(codes.shape, dtype=torch.bool, device=dev)
+        ablated = torch.zeros(codes.shape, dtype=torch.bool, device=dev)
+        for iv in self.interventions:
+            rows = self._rows(iv.positions, lead, dev)
+            if iv.kind == "replace":
+                slot = iv.slot % c.k
+                codes[rows, iv.group, slot] = iv.codes[0]
+            elif iv.kind == "append":
+                m = len(iv.codes)
+                extra = torch.zeros(n, c.groups, m, dtype=codes.dtype, device=dev)
+                extra_on = torch.zeros(n, c.groups, m, dtype=torch.bool, device=dev)
+                extra[rows, iv.group] = torch.tensor(iv.codes, device=dev)
+                extra_on[rows, iv.group] = True
+                codes = torch.cat([codes, extra], -1)
+                present = torch.cat([present, extra_on], -1)
+                ablated = torch.cat([ablated, torch.zeros_like(extra_on)], -1)
+        for iv in self.interventions:
+            if iv.kind == "ablate":
+                rows = self._rows(iv.positions, lead, dev)
+                hit = torch.zeros_like(ablated)
+                hit[rows, iv.group] = torch.isin(
+                    codes[rows, iv.group], torch.tensor(iv.codes, device=dev))
+                ablated |= hit & present
+        w = present.float()
+        if c.combine == "mean":
+            w = w / w.sum(-1, keepdim=True).clamp_min(1)
+        w = w.masked_fill(ablated, 0.0)
+        return codes, w
+
+    @staticmethod
+    def _rows(positions: tuple[int, ...] | None, lead: torch.Size, dev) -> Tensor | slice:
+        """Flat token rows at the given positions of the token axis (``lead[-1]``)."""
+        if positions is None:
+            return slice(None)
+        t = lead[-1] if len(lead) else 1
+        pos = torch.tensor([p % t for p in positions if -t <= p < t], dtype=torch.long,
+                           device=dev)
+        outer = math.prod(lead[:-1]) if len(lead) > 1 else 1
+        return (torch.arange(outer, device=dev).view(-1, 1) * t + pos.view(1, -1)).reshape(-1)
+
+    # ------------------------------------------------------------- save/load
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``codebook_config.json`` and ``codebook.safetensors`` into folder ``path``."""
+        path = Path(path)
+        write_safetensors(path / WEIGHTS_NAME, self.state_dict(),
+                          metadata={"format": "codebook-features"})
+        write_json(path / CONFIG_NAME, self.config.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+             ) -> CodebookLayer:
+        """Load a layer saved by :meth:`save`, checking the config against the weights."""
+        path = Path(path)
+        config = CodebookConfig.from_dict(read_json(path / CONFIG_NAME))
+        layer = cls(config)
+        layer.load_tensors(read_safetensors(path / WEIGHTS_NAME), source=str(path))
+        return layer.to(map_location)
+
+    def load_tensors(self, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
+        """Load a state dict, with one clear error for missing, extra or mis-shaped tensors."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise CodebookError(f"{source}: does not match codebook {self.config.name!r} "
+                                f"(missing {missing}, unexpected {extra}); was it saved with "
+                                "another config (layernorm, groups)?")
+        for k, v in tensors.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise CodebookError(f"{source}: tensor {k!r} has shape {tuple(v.shape)} but "
+                                    f"codebook {self.config.name!r} needs {tuple(own[k].shape)}"
+                                    "; the config and weights do not match")
+        self.load_state_dict(tensors)
