@@ -291,26 +291,40 @@ class CodebookLayer(nn.Module):
         return n
 
     @torch.no_grad()
-    def kmeans_init(self, activations: Tensor, iters: int = 20, seed: int = 0) -> None:
+    def kmeans_init(self, activations: Tensor, iters: int = 20, seed: int = 0,
+                    nredo: int = 1) -> None:
         """Initialise every group's codes by k-means (FAISS) on raw activations ``(..., dim)``.
 
-        Cosine similarity uses spherical k-means. Needs at least ``num_codes`` activations.
+        Cosine similarity clusters spherically; each code is then set to the plain mean of the
+        inputs the layer's own search assigns to it, so codes reconstruct at the inputs' scale.
+        Needs at least ``num_codes`` activations.
         """
         import faiss
 
         c = self.config
-        x = self.normalize(activations).reshape(-1, c.groups, c.group_dim)
+        x = self.normalize(activations).reshape(-1, c.groups, c.group_dim).float()
         if x.shape[0] < c.num_codes:
             raise CodebookError(f"{c.name}: k-means init needs at least num_codes="
                                 f"{c.num_codes} activations, got {x.shape[0]}; pass more "
                                 "tokens or lower num_codes")
-        xn = x.float().cpu().numpy()
+        xn = x.cpu().numpy()
         for g in range(c.groups):
-            km = faiss.Kmeans(c.group_dim, c.num_codes, niter=iters, seed=seed + g,
+            km = faiss.Kmeans(c.group_dim, c.num_codes, niter=iters, seed=seed + g, nredo=nredo,
                               spherical=c.similarity == "cosine", verbose=False,
                               min_points_per_centroid=1, max_points_per_centroid=1 << 30)
             km.train(xn[:, g].copy())
             self.codebook[g] = torch.from_numpy(km.centroids).to(self.codebook)
+        # Final M-step with the layer's own assignment: codes become means of their inputs.
+        x = x.to(self.codebook)
+        assigned = snap.search(x, self.codebook, 1, c.similarity, c.chunk_mib).codes[..., 0]
+        flat = (assigned + torch.arange(c.groups, device=x.device) * c.num_codes).reshape(-1)
+        sums = torch.zeros(c.groups * c.num_codes, c.group_dim, dtype=x.dtype, device=x.device)
+        sums.index_add_(0, flat, x.reshape(-1, c.group_dim))
+        counts = torch.bincount(flat, minlength=c.groups * c.num_codes).unsqueeze(-1)
+        book = self.codebook.view(-1, c.group_dim)
+        if c.similarity == "cosine":  # empty clusters keep their direction at the data's scale
+            book.mul_(x.norm(dim=-1).mean())
+        book.copy_(torch.where(counts > 0, sums / counts.clamp_min(1), book))
         self.last_fired.fill_(int(self.step))
 
     # --------------------------------------------------------- interventions
@@ -422,9 +436,9 @@ class CodebookLayer(nn.Module):
             raise CodebookError(f"{source}: does not match codebook {self.config.name!r} "
                                 f"(missing {missing}, unexpected {extra}); was it saved with "
                                 "another config (layernorm, groups)?")
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise CodebookError(f"{source}: tensor {k!r} has shape {tuple(v.shape)} but "
-                                    f"codebook {self.config.name!r} needs {tuple(own[k].shape)}"
+        for k, mine in own.items():
+            if tuple(tensors[k].shape) != tuple(mine.shape):
+                raise CodebookError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)} "
+                                    f"but codebook {self.config.name!r} needs {tuple(mine.shape)}"
                                     "; the config and weights do not match")
         self.load_state_dict(tensors)
