@@ -1,0 +1,25 @@
+"""Datasets: the TokFSM synthetic task (and, later, text corpora)."""
+
+from .tokfsm import (
+    BOS_TOKEN,
+    BOS_TOKEN_ID,
+    VOCAB_SIZE,
+    TokFSM,
+    TokFSMConfig,
+    TokFSMSample,
+    build_dataset,
+    build_splits,
+    build_tokenizer,
+)
+
+__all__ = [
+    "BOS_TOKEN",
+    "BOS_TOKEN_ID",
+    "VOCAB_SIZE",
+    "TokFSM",
+    "TokFSMConfig",
+    "TokFSMSample",
+    "build_dataset",
+    "build_splits",
+    "build_tokenizer",
+]
