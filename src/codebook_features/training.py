@@ -1,0 +1,170 @@
+"""Training codebook models with the Hugging Face ``Trainer``.
+
+``CodebookTrainer`` adds what codebooks need to a stock Trainer: separate learning rates for
+codebooks and model weights (or a frozen model), dead-code replacement kept identical on every
+process, codebook metrics in the logs, and checkpoints that hold the base weights
+(``save_pretrained``) and the codebooks with their statistics (``save_codebooks``), so that an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .model import CodebookModel
+
+
+@dataclass
+class CodebookTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the codebook settings."""
+
+    codebook_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the codebooks (default: learning_rate)."})
+    freeze_model: bool = field(
+        default=False, metadata={"help": "Train the codebooks only; the base model stays fixed."})
+    dead_code_interval: int = field(
+        default=100, metadata={"help": "Replace dead codes every this many optimizer steps "
+                                       "(0: never)."})
+    dead_code_noise: float = field(
+        default=0.01, metadata={"help": "Noise (relative to the inputs' std) added to "
+                                        "replacement codes."})
+
+
+def _dist() -> Any | None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed
+    return None
+
+
+@torch.no_grad()
+def replace_dead_codes(model: CodebookModel, seed: int, noise: float = 0.01) -> int:
+    """Replace every site's dead codes, the same way on every process; returns how many.
+
+    Processes agree on which codes are dead (latest firing step, max-reduced), rank 0 draws the
+    replacements from its recent inputs, and the new codes are broadcast.
+    """
+    dist = _dist()
+    total = 0
+    for i, layer in enumerate(model.sites.values()):
+        if dist is not None:
+            dist.all_reduce(layer.last_fired, op=dist.ReduceOp.MAX)
+        if layer._recent is None:
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(layer.step) * 101 + i)
+        n = layer.replace_dead_codes(noise=noise, generator=gen)
+        if dist is not None:
+            dist.broadcast(layer.codebook.data, src=0)
+            dist.broadcast(layer.last_fired, src=0)
+        total += n
+    return total
+
+
+class DeadCodeCallback(TrainerCallback):
+    """Calls :func:`replace_dead_codes` every ``dead_code_interval`` optimizer steps."""
+
+    def __init__(self, trainer: CodebookTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = getattr(args, "dead_code_interval", 0)
+        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+            n = replace_dead_codes(self.trainer.codebook_model, args.seed, args.dead_code_noise)
+            self.trainer._replaced += n
+        return control
+
+
+class CodebookTrainer(Trainer):
+    """A ``Trainer`` for a :class:`CodebookModel`.
+
+    The loss is the LM loss alone: each codebook's backward already adds the gradient of
+    ``lambda * MSE`` to its codes. Logs add ``codebook_mse`` (the summed site MSE averaged
+    since the last log), ``dead_code_fraction`` and ``codes_replaced``.
+    """
+
+    def __init__(self, model: CodebookModel, args: TrainingArguments, **kwargs: Any) -> None:
+        if not isinstance(model, CodebookModel):
+            raise TypeError("CodebookTrainer needs a CodebookModel")
+        if getattr(args, "freeze_model", False):
+            model.freeze_base()
+        super().__init__(model=model, args=args, **kwargs)
+        self.codebook_model = model
+        self._mse_sum = torch.zeros(())
+        self._mse_n = 0
+        self._replaced = 0
+        self.add_callback(DeadCodeCallback(self))
+
+    # The model's forward takes **kwargs: read the dataset columns off the base model.
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            import inspect
+
+            params = inspect.signature(self.codebook_model.base_model.forward).parameters
+            self._signature_columns = list(params) + ["label", "label_ids", "labels"]
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        if self.optimizer is not None:
+            return self.optimizer
+        m = self.codebook_model
+        args = self.args
+        decay = set(self.get_decay_parameter_names(m.base_model))
+        base = [(n, p) for n, p in m.base_model.named_parameters() if p.requires_grad]
+        cb_lr = getattr(args, "codebook_learning_rate", None) or args.learning_rate
+        groups = [
+            {"params": [p for p in m.codebook_parameters() if p.requires_grad],
+             "weight_decay": 0.0, "lr": cb_lr},
+            {"params": [p for n, p in base if n in decay], "weight_decay": args.weight_decay,
+             "lr": args.learning_rate},
+            {"params": [p for n, p in base if n not in decay], "weight_decay": 0.0,
+             "lr": args.learning_rate},
+        ]
+        groups = [g for g in groups if g["params"]]
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(args, m)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+        self.optimizer = cls(groups, lr=args.learning_rate, **kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch)
+        if model.training and self.codebook_model.enabled:
+            self._mse_sum = self._mse_sum + self.codebook_model.codebook_loss().cpu()
+            self._mse_n += 1
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._mse_n and "loss" in logs:
+            logs["codebook_mse"] = round(float(self._mse_sum) / self._mse_n, 6)
+            dead = [float(layer.dead_codes().float().mean())
+                    for layer in self.codebook_model.sites.values()]
+            logs["dead_code_fraction"] = round(sum(dead) / max(len(dead), 1), 4)
+            logs["codes_replaced"] = self._replaced
+            self._mse_sum = torch.zeros(())
+            self._mse_n = 0
+        super().log(logs, start_time)
+
+    # Checkpoints: base weights with save_pretrained, codebooks (with statistics) beside them.
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.codebook_model.base_model.save_pretrained(output_dir)
+        self.codebook_model.save_codebooks(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None
+                              ) -> None:
+        loaded = CodebookModel.from_pretrained(resume_from_checkpoint,
+                                               base_model=resume_from_checkpoint)
+        target = self.codebook_model
+        target.base_model.load_state_dict(loaded.base_model.state_dict())
+        for name, layer in target.sites.items():
+            layer.load_state_dict(loaded.site(name).state_dict())
