@@ -154,6 +154,7 @@ class CodebookLayer(nn.Module):
         self.track_stats = True
         self.bypass = False
         self.interventions: list[Intervention] = []
+        self.recorded: list[Tensor] | None = None  # when a list, raw inputs are appended to it
         self.last_codes: Tensor | None = None
         self.last_scores: Tensor | None = None
         self.last_mse: Tensor | None = None
@@ -191,6 +192,8 @@ class CodebookLayer(nn.Module):
         c = self.config
         lead = a.shape[:-1]
         x = self.normalize(a)
+        if self.recorded is not None:
+            self.recorded.append(a.detach())
         xg = x.reshape(-1, c.groups, c.group_dim)
         codes, scores = self.search(xg.detach())
         weights = snap.combine_weights(c.k, c.combine, codes)

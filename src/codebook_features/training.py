@@ -10,6 +10,7 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,31 @@ def replace_dead_codes(model: CodebookModel, seed: int, noise: float = 0.01) -> 
             dist.broadcast(layer.last_fired, src=0)
         total += n
     return total
+
+
+@torch.no_grad()
+def kmeans_init_codebooks(model: CodebookModel, batches: Iterable[dict[str, Any]],
+                          iters: int = 20, seed: int = 0) -> None:
+    """Initialise every site's codebook by k-means on the base model's activations there.
+
+    Runs ``batches`` (model inputs) with every codebook bypassed, so each site sees the
+    activations of the model without codebooks, then k-means per site and group.
+    """
+    layers = list(model.sites.values())
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer.recorded, layer.bypass = [], True
+    try:
+        for batch in batches:
+            model(**batch)
+        for i, layer in enumerate(layers):
+            acts = torch.cat([r.reshape(-1, layer.config.dim) for r in layer.recorded])
+            layer.kmeans_init(acts, iters=iters, seed=seed + 7919 * i)
+    finally:
+        for layer in layers:
+            layer.recorded, layer.bypass = None, False
+        model.train(was_training)
 
 
 class DeadCodeCallback(TrainerCallback):
