@@ -69,14 +69,29 @@ def _logits(out: Any) -> torch.Tensor:
     return logits
 
 
-def _supports_cache(model: Any) -> bool:
+def _cache_kwarg(model: Any) -> str | None:
+    """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.x),
+    ``past_key_values`` (older), or None when the forward takes neither by name."""
     fwd = getattr(model, "forward", None)
-    if fwd is None:
-        return False
     try:
-        return "past_key_values" in inspect.signature(fwd).parameters
+        params = inspect.signature(fwd).parameters if fwd is not None else {}
     except (TypeError, ValueError):
-        return False
+        params = {}
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def _default_cache_kwarg() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 class _eval_mode:
@@ -181,8 +196,9 @@ def sample_tokens(model: Any, n: int, length: int, prompt: torch.Tensor | None =
     ``prompt``: (P,) shared by all sequences, (n, P) one per sequence, or None for ``[BOS]``.
     Sampling is from ``softmax(logits / temperature)`` (``temperature=0``: greedy) with a
     CPU generator seeded by ``seed``, so results are deterministic given the seed and batch
-    size. Uses the KV cache (``past_key_values``) when the model's forward accepts it, else
-    recomputes the whole prefix each step.
+    size. Uses the KV cache when the model's forward names a ``cache`` or ``past_key_values``
+    argument (``use_cache=None``), else recomputes the whole prefix each step; force either
+    way with ``use_cache``. (Wrappers with ``**kwargs`` forwards need ``use_cache=True``.)
     """
     if n < 1 or length < 0:
         raise CodebookError(f"sample_tokens(n={n}, length={length}): need n >= 1, length >= 0")
@@ -196,7 +212,11 @@ def sample_tokens(model: Any, n: int, length: int, prompt: torch.Tensor | None =
     if prompt.shape[0] != n or prompt.shape[1] < 1:
         raise CodebookError(f"prompt of shape {tuple(prompt.shape)} does not fit n={n}; "
                             "pass (P,) or (n, P) token ids with P >= 1")
-    cache = _supports_cache(model) if use_cache is None else use_cache
+    cache_kw = _cache_kwarg(model)
+    if use_cache is None:
+        use_cache = cache_kw is not None
+    if use_cache and cache_kw is None:
+        cache_kw = _default_cache_kwarg()
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
     chunks = []
@@ -205,9 +225,9 @@ def sample_tokens(model: Any, n: int, length: int, prompt: torch.Tensor | None =
             seqs = prompt[i:i + batch_size].to(device)
             past, step_in = None, seqs
             for _ in range(length):
-                if cache:
-                    out = model(step_in, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                if use_cache:
+                    out = model(step_in, **{cache_kw: past}, use_cache=True)
+                    past = _returned_cache(out)
                 else:
                     out = model(seqs)
                 nxt = _draw(_logits(out)[:, -1], temperature, gen).to(device)
@@ -412,14 +432,14 @@ def code_state_precision(codes: torch.Tensor, states: torch.Tensor, num_codes: i
     state_totals = torch.bincount(states, minlength=s_count)
     top, best = counts.max(1)
     fired = activations > 0
-    precision = torch.where(fired, top / activations.clamp(min=1), torch.zeros(()))
-    recall = torch.where(fired, top / state_totals[best].clamp(min=1), torch.zeros(()))
+    zero = torch.zeros((), dtype=torch.float64)
+    precision = torch.where(fired, top.double() / activations.clamp(min=1), zero)
+    recall = torch.where(fired, top.double() / state_totals[best].clamp(min=1), zero)
     best = torch.where(fired, best, torch.full_like(best, -1))
     state_codes = torch.nonzero(fired & (precision >= precision_threshold)
                                 & (activations >= min_activations)).reshape(-1)
-    return CodeStateStats(best_state=best, precision=precision.double(),
-                          recall=recall.double(), activations=activations, counts=counts,
-                          state_codes=state_codes)
+    return CodeStateStats(best_state=best, precision=precision, recall=recall,
+                          activations=activations, counts=counts, state_codes=state_codes)
 
 
 # ---------------------------------------------------------------------------- neuron baseline
@@ -439,8 +459,9 @@ class NeuronStatePrecision:
 
 
 def _recall_rank(recall: float, n: int) -> int:
-    """Number of top positions a threshold must admit to reach ``recall`` of ``n``."""
-    return min(n, max(1, math.ceil(recall * n - 1e-9)))
+    """Number of top positions a threshold must admit to reach ``recall`` of ``n``
+    (``ceil(recall * n)``, forgiving a relative rounding error of 1e-6 in ``recall``)."""
+    return min(n, max(1, math.ceil(recall * n * (1 - 1e-6))))
 
 
 def _precision_at(acts_sorted: torch.Tensor, state_sorted: torch.Tensor,
