@@ -138,6 +138,7 @@ class CodebookModel(nn.Module):
             cfg = config.codebook_config(s.dim, groups, name, s.placement)
             self.codebooks[_key(name)] = CodebookLayer(cfg)
         self._place_codebooks()
+        self.train(base_model.training)  # start in the base model's mode (eval after loading)
         self._state = _sites.HookState()
         self._state.on_forward.append(self._clear_last)
         # Hooks look the layer up at call time, so a replaced layer takes effect at once.
@@ -270,14 +271,7 @@ class CodebookModel(nn.Module):
     # -------------------------------------------------------------- save/load
     def base_info(self) -> dict[str, Any]:
         """What a base model must match for these codebooks: type, widths, layer count."""
-        cfg = getattr(self.base_model, "config", None)
-        return {
-            "name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
-            "model_type": _sites.model_type(self.base_model),
-            "num_layers": _sites.num_layers(self.base_model),
-            "hidden_size": _sites._config_int(cfg, "hidden_size", "n_embd", "d_model")
-            if cfg is not None else int(self.base_model.cfg.d_model),
-        }
+        return _base_info(self.base_model)
 
     def save_codebooks(self, directory: str | os.PathLike, base_model_name: str | None = None
                        ) -> None:
@@ -348,24 +342,29 @@ class CodebookModel(nn.Module):
                                 if k.startswith(prefix)}, source=f"{d / WEIGHTS_NAME} [{name}]")
             model.codebooks[_key(name)] = layer
         model._place_codebooks()
+        model.train(base_model.training)
         return model
 
 
-def _check_base(base: nn.Module, saved: dict[str, Any], where: Path) -> None:
-    mtype = _sites.model_type(base)
-    if mtype != saved.get("model_type"):
-        raise CodebookError(f"{where}: codebooks were trained on a {saved.get('model_type')} "
-                            f"model, not {mtype}; pass the matching base model")
-    n = _sites.num_layers(base)
-    if n != saved.get("num_layers"):
-        raise CodebookError(f"{where}: codebooks need {saved.get('num_layers')} layers, the "
-                            f"base model has {n}; pass the matching base model")
+def _base_info(base: nn.Module) -> dict[str, Any]:
     cfg = getattr(base, "config", None)
-    hidden = (_sites._config_int(cfg, "hidden_size", "n_embd", "d_model") if cfg is not None
-              else int(base.cfg.d_model))
-    if saved.get("hidden_size") is not None and hidden != saved["hidden_size"]:
-        raise CodebookError(f"{where}: codebooks need hidden size {saved['hidden_size']}, the "
-                            f"base model has {hidden}; pass the matching base model")
+    tl_cfg = getattr(base, "cfg", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(tl_cfg, "model_name", None) or ""
+    hidden = _sites._config_int(cfg, "hidden_size", "n_embd", "d_model")
+    if hidden is None:
+        hidden = _sites._config_int(tl_cfg, "d_model")
+    return {"name_or_path": str(name), "model_type": _sites.model_type(base),
+            "num_layers": _sites.num_layers(base), "hidden_size": hidden}
+
+
+def _check_base(base: nn.Module, saved: dict[str, Any], where: Path) -> None:
+    info = _base_info(base)
+    for key, what in (("model_type", "model type"), ("num_layers", "layer count"),
+                      ("hidden_size", "hidden size")):
+        if saved.get(key) is not None and info[key] != saved[key]:
+            raise CodebookError(f"{where}: codebooks need a base model with {what} "
+                                f"{saved[key]}, this one has {info[key]}; pass the matching "
+                                "base model")
 
 
 def load_base_model(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
@@ -373,6 +372,11 @@ def load_base_model(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module
     from transformers import AutoModelForCausalLM
 
     name = str(name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        name = os.path.expanduser(name)
+    if looks_local and not os.path.isdir(name):
+        raise CodebookError(f"base model folder {name!r} not found; check the path")
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:

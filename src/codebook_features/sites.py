@@ -105,19 +105,23 @@ class HookState:
 def model_type(model: nn.Module) -> str:
     """``config.model_type`` of a Hugging Face model, ``hooked_transformer`` or the class name."""
     if is_hooked_transformer(model):
-        return "hooked_transformer"
+        return "transformer_bridge" if hasattr(model, "original_model") else "hooked_transformer"
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "model_type", None) or type(model).__name__)
 
 
 def is_hooked_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` looks like a TransformerLens ``HookedTransformer``."""
+    """Whether ``model`` is a TransformerLens model with hook points (``HookedTransformer``
+    before TransformerLens 4, ``TransformerBridge`` from 4 on)."""
     cfg = getattr(model, "cfg", None)
     return (hasattr(model, "blocks") and hasattr(cfg, "n_layers") and hasattr(cfg, "d_model")
             and hasattr(model, "hook_dict"))
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
+    hooks = getattr(root, "hook_dict", None)
+    if isinstance(hooks, Mapping) and path in hooks:
+        return hooks[path]  # TransformerLens hook point (aliases included)
     try:
         return root.get_submodule(path) if path else root
     except AttributeError:
@@ -332,9 +336,11 @@ def _hf_site(model: nn.Module, prefix: str, block: nn.Module, i: int, placement:
 
 def _hooked_sites(model: nn.Module, placements: list[str], layers: Iterable[int] | int | None
                   ) -> list[Site]:
-    """Sites of a TransformerLens HookedTransformer, on its hook points."""
+    """Sites of a TransformerLens model, on its hook points (legacy names, which
+    ``TransformerBridge`` keeps as aliases)."""
     cfg = model.cfg
-    idx = normalize_layers(layers, int(cfg.n_layers), "hooked_transformer")
+    mtype = model_type(model)
+    idx = normalize_layers(layers, int(cfg.n_layers), mtype)
     d_mlp = getattr(cfg, "d_mlp", None)
     table = {
         "attn_heads": ("blocks.{i}.attn.hook_z", cfg.n_heads * cfg.d_head, cfg.n_heads, True),
@@ -354,7 +360,7 @@ def _hooked_sites(model: nn.Module, placements: list[str], layers: Iterable[int]
             sites.append(Site(f"layers.{i}.{placement}", i, placement, p, "post", int(dim),
                               int(heads), merge))
     if missing:
-        raise CodebookError(f"hooked_transformer: could not find placement(s) "
+        raise CodebookError(f"{mtype}: could not find placement(s) "
                             f"{', '.join(missing)} (hook points missing, e.g. an attention-only "
                             "model has no MLP)")
     return sites
@@ -383,7 +389,7 @@ class _SiteHook:
             raise CodebookError(f"{self.site.name}: expected a tensor at {self.site.module}, "
                                 f"got {type(x).__name__}")
         shape = x.shape
-        if self.site.merge_heads:
+        if self.site.merge_heads and x.dim() >= 3 and shape[-1] != self.site.dim:
             x = x.reshape(*shape[:-2], shape[-2] * shape[-1])
         elif x.dim() == 2 and self.state.tokens and x.shape[0] == math.prod(self.state.tokens):
             x = x.view(*self.state.tokens, shape[-1])  # (batch*seq, d) -> (batch, seq, d)
@@ -442,7 +448,9 @@ class Attachment:
                 if site.name not in layers:
                     raise CodebookError(f"no codebook given for site {site.name}")
                 hook = _SiteHook(site, layers[site.name], self.state)
-                mod = model.get_submodule(site.module)
+                mod = _get(model, site.module)
+                if mod is None:
+                    raise CodebookError(f"{site.name}: module {site.module} not found")
                 if site.hook == "pre":
                     self.handles.append(mod.register_forward_pre_hook(hook.pre, with_kwargs=True))
                 else:
