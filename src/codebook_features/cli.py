@@ -43,11 +43,6 @@ def _synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-# Until the TokFSM demo module registers "demo", the main job is the synthetic one.
-command("demo", "the main job (for now: the synthetic codebook job)",
-        _synthetic_options)(_synthetic)
-
-
 def build_parser() -> argparse.ArgumentParser:
     _load_commands()
     parser = argparse.ArgumentParser(

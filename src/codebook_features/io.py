@@ -42,6 +42,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     _atomic_replace(Path(path), write)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, turning a missing or corrupt file into a CodebookError."""
     path = Path(path)

@@ -1,0 +1,36 @@
+"""The main job end to end on a tiny setting: every stage runs and the report is complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_quick_writes_full_report(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "demo", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("base", "attn_k1", "attn_mlp_k1", "attn_mlp_k2"):
+        for metric in ("loss", "lm_acc", "state_acc", "first_transition_acc"):
+            assert 0 <= report[key][metric] < 10, (key, metric)
+    assert {"state_codes", "neurons", "intervention", "targets", "timings"} <= set(report)
+    assert "state_acc" in report["attn_mlp_k1"]
+    assert all("met" in t for t in report["targets"])
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+    assert "Targets" in proc.stdout or "met" in proc.stdout
+    # the models it trained load back
+    assert (out / "base" / "config.json").is_file()
+    assert (out / "attn_k1" / "codebooks.safetensors").is_file()
+
+
+def test_demo_rejects_bad_override(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "demo", "--out",
+                           str(tmp_path), "--set", "colour=red"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --set 'colour=red'")
+    assert len(proc.stderr.strip().splitlines()) == 1
