@@ -79,11 +79,12 @@ def main() -> None:
     p.add_argument("--eval-stories", type=int, default=500)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--cooldown", type=float, default=0.2,
-                   help="fraction of the time budget at the end with linearly decaying lr")
+                   help="final fraction of the budget (time or steps, whichever ends first) "
+                        "with linearly decaying lr")
     p.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget")
     p.add_argument("--max-steps", type=int, default=100000)
     p.add_argument("--eval-every", type=int, default=50)
@@ -123,7 +124,8 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         if elapsed >= a.seconds:
             break
-        left = (a.seconds - elapsed) / (a.cooldown * a.seconds) if a.cooldown > 0 else 1.0
+        progress = max(elapsed / a.seconds, step / a.max_steps)  # whichever budget ends first
+        left = (1.0 - progress) / a.cooldown if a.cooldown > 0 else 1.0
         scale = min(1.0, (step + 1) / max(1, a.warmup), max(0.0, left))
         for g in opt.param_groups:
             g["lr"] = a.lr * scale
@@ -153,7 +155,7 @@ def main() -> None:
          steps_per_second=round(step / train_secs, 2))
 
     for i, prompt in enumerate(["Once upon a time,", "", "Once upon a time, there was a dragon",
-                                "Lily loved flowers."]):
+                                "Lily planted a tiny seed in her garden,"]):
         text = sample(model, tok, prompt, 1, a.gen_tokens, seed=a.seed + i)[0]
         emit(event="sample", prompt=prompt, text=text, topics=topic_mentions(text))
 
