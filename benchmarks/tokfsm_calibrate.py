@@ -1,0 +1,101 @@
+"""Calibrate the TokFSM demo: how fast does a GPT-NeoX learn an FSM on this machine?
+
+Trains a GPT-NeoX-style model from scratch (no codebooks) on fresh TokFSM batches with a plain
+torch AdamW loop at a constant learning rate, and prints one JSON line per evaluation:
+step, training seconds (evaluation excluded), wall seconds, training loss (mean since the last
+evaluation) and sampled state accuracy (``codebook_features.fsm.state_accuracy``). A final
+line summarises the first step/second at which each accuracy target was reached.
+
+Example::
+
+    python benchmarks/tokfsm_calibrate.py --num-states 40 --successors 5 --batch 32 \\
+        --lr 3e-3 --steps 400 --eval-every 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from codebook_features.data import BOS_TOKEN_ID, VOCAB_SIZE, TokFSM, TokFSMConfig
+from codebook_features.fsm import state_accuracy
+
+
+def build_model(layers: int, hidden: int, heads: int, mlp: int, seq_len: int, seed: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=mlp,
+                        max_position_embeddings=max(seq_len, 256),
+                        bos_token_id=BOS_TOKEN_ID, eos_token_id=BOS_TOKEN_ID)
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-states", type=int, default=100)
+    p.add_argument("--successors", type=int, default=10)
+    p.add_argument("--states-per-sequence", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-sequences", type=int, default=100)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--stop-at", type=float, default=None,
+                   help="stop once state accuracy reaches this value")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    fsm = TokFSM(TokFSMConfig(num_states=a.num_states, successors=a.successors,
+                              states_per_sequence=a.states_per_sequence, seed=a.seed))
+    model = build_model(a.layers, a.hidden, a.heads, a.mlp, fsm.config.seq_len, a.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    gen = torch.Generator().manual_seed(a.seed + 12345)
+    settings = {k: v for k, v in vars(a).items()}
+    settings.update(fsm=fsm.name, params=sum(x.numel() for x in model.parameters()),
+                    torch_threads=torch.get_num_threads())
+    print(json.dumps({"settings": settings}), flush=True)
+
+    train_s, losses, t_wall = 0.0, [], time.perf_counter()
+    targets = {0.5: None, 0.8: None, 0.9: None, 0.95: None}
+    for step in range(1, a.steps + 1):
+        t0 = time.perf_counter()
+        model.train()
+        ids = fsm.encode(fsm.sample_states(a.batch, generator=gen))
+        logits = model(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB_SIZE), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_s += time.perf_counter() - t0
+        losses.append(loss.item())
+        if step % a.eval_every == 0 or step == a.steps:
+            acc = state_accuracy(model, fsm, n_sequences=a.eval_sequences, seed=step)
+            row = {"step": step, "train_s": round(train_s, 1),
+                   "wall_s": round(time.perf_counter() - t_wall, 1),
+                   "loss": round(sum(losses) / len(losses), 4), "state_accuracy": round(acc, 4)}
+            losses = []
+            for t in targets:
+                if targets[t] is None and acc >= t:
+                    targets[t] = {"step": step, "train_s": row["train_s"]}
+            print(json.dumps(row), flush=True)
+            if a.stop_at is not None and acc >= a.stop_at:
+                break
+    print(json.dumps({"reached": {str(k): v for k, v in targets.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
