@@ -25,6 +25,7 @@ from codebook_features.data.stories import (
     StoryConfig,
     generate_stories,
     pack_stories,
+    story_rows,
     tiny_story_model_config,
     topic_mentions,
     train_story_tokenizer,
@@ -35,21 +36,39 @@ def emit(**kw: object) -> None:
     print(json.dumps(kw), flush=True)
 
 
+def get_batch(data: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of ``data``, trimmed to their longest unpadded length."""
+    out = {k: v[idx] for k, v in data.items()}
+    width = int(out["attention_mask"].sum(1).max())
+    return {k: v[:, :width] for k, v in out.items()}
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> tuple[float, float]:
-    """Mean next-token loss and accuracy over ``blocks``."""
+def evaluate(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int
+             ) -> tuple[float, float]:
+    """Mean next-token loss and accuracy over the labelled positions of ``data``."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for i in range(0, len(blocks), batch):
-        x = blocks[i:i + batch]
-        logits = model(input_ids=x).logits[:, :-1]
-        y = x[:, 1:]
+    for i in range(0, len(data["input_ids"]), batch):
+        b = get_batch(data, torch.arange(i, min(i + batch, len(data["input_ids"]))))
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, y = logits[:, :-1], b["labels"][:, 1:]
         loss_sum += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-        count += y.numel()
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum",
+            ignore_index=-100))
+        correct += int(((logits.argmax(-1) == y) & (y != -100)).sum())
+        count += int((y != -100).sum())
     model.train()
     return loss_sum / count, correct / count
+
+
+def lm_data(tok: T.PreTrainedTokenizerFast, stories: list[dict], layout: str, seq_len: int
+            ) -> dict[str, torch.Tensor]:
+    """Training rows: one story per row (``rows``) or packed blocks (``packed``)."""
+    if layout == "rows":
+        return story_rows(tok, stories, seq_len)
+    ids = pack_stories(tok, stories, seq_len)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 @torch.no_grad()
@@ -79,14 +98,16 @@ def main() -> None:
     p.add_argument("--eval-stories", type=int, default=500)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--layout", choices=("rows", "packed"), default="rows",
+                   help="one story per row (no attention across stories) or packed blocks")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--cooldown", type=float, default=0.2,
                    help="final fraction of the budget (time or steps, whichever ends first) "
                         "with linearly decaying lr")
-    p.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget")
-    p.add_argument("--max-steps", type=int, default=100000)
+    p.add_argument("--seconds", type=float, default=170.0, help="training wall-clock budget")
+    p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--hidden", type=int, default=128)
@@ -103,20 +124,22 @@ def main() -> None:
     train_stories = generate_stories(StoryConfig(num_stories=a.num_stories, seed=a.seed))
     eval_stories = generate_stories(StoryConfig(num_stories=a.eval_stories, seed=a.seed + 1))
     tok = train_story_tokenizer(train_stories, a.vocab)
-    train = pack_stories(tok, train_stories, a.seq_len)
-    evalb = pack_stories(tok, eval_stories, a.seq_len)[:64]
+    train = lm_data(tok, train_stories, a.layout, a.seq_len)
+    evalb = {k: v[:128] for k, v in lm_data(tok, eval_stories, a.layout, a.seq_len).items()}
+    n_train = len(train["input_ids"])
     cfg = tiny_story_model_config(tok, hidden_size=a.hidden, num_layers=a.layers)
     model = T.AutoModelForCausalLM.from_config(cfg)
     model.train()
     n_params = sum(q.numel() for q in model.parameters())
-    emit(event="setup", seconds=round(time.perf_counter() - t0, 2), train_blocks=len(train),
-         train_tokens=train.numel(), eval_blocks=len(evalb), vocab=len(tok), params=n_params,
+    emit(event="setup", seconds=round(time.perf_counter() - t0, 2), layout=a.layout,
+         train_rows=n_train, train_tokens=int(train["attention_mask"].sum()),
+         eval_rows=len(evalb["input_ids"]), vocab=len(tok), params=n_params,
          seq_len=a.seq_len, batch=a.batch, lr=a.lr)
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(a.seed)
-    order = torch.randperm(len(train), generator=gen)
-    pos, step, run_loss, run_n = 0, 0, 0.0, 0
+    order = torch.randperm(n_train, generator=gen)
+    pos, step, run_n, run_loss, seen = 0, 0, 0, 0.0, 0
     start = time.perf_counter()
     loss0, acc0 = evaluate(model, evalb, a.batch)
     emit(event="eval", step=0, seconds=0.0, eval_loss=round(loss0, 4), eval_acc=round(acc0, 4))
@@ -130,10 +153,11 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = a.lr * scale
         if pos + a.batch > len(order):
-            order, pos = torch.randperm(len(train), generator=gen), 0
-        x = train[order[pos:pos + a.batch]]
+            order, pos = torch.randperm(n_train, generator=gen), 0
+        b = get_batch(train, order[pos:pos + a.batch])
         pos += a.batch
-        loss = model(input_ids=x, labels=x).loss
+        seen += int(b["attention_mask"].sum())
+        loss = model(**b).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -146,7 +170,7 @@ def main() -> None:
             el, ea = evaluate(model, evalb, a.batch)
             emit(event="eval", step=step, seconds=round(secs, 1),
                  train_loss=round(run_loss / run_n, 4), eval_loss=round(el, 4),
-                 eval_acc=round(ea, 4), tokens_seen=step * a.batch * a.seq_len)
+                 eval_acc=round(ea, 4), tokens_seen=seen)
             run_loss, run_n = 0.0, 0
     train_secs = time.perf_counter() - start
     el, ea = evaluate(model, evalb, a.batch)

@@ -17,6 +17,7 @@ from codebook_features.data.stories import (
     pack_stories,
     read_corpus,
     split_sentences,
+    story_rows,
     tiny_story_model_config,
     topic_mentions,
     topic_regex,
@@ -178,8 +179,30 @@ def test_pack_and_dataset_columns(stories, tokenizer):
     ds = build_story_dataset(stories[:100], tokenizer=tokenizer, seq_len=64)
     assert ds.column_names == ["input_ids", "labels"] and len(ds) == len(blocks)
     assert ds[0]["input_ids"] == ds[0]["labels"] == blocks[0].tolist()
+    rows = build_story_dataset(stories[:30], tokenizer=tokenizer, seq_len=64, packed=False)
+    assert rows.column_names == ["input_ids", "attention_mask", "labels"] and len(rows) == 30
+    assert {len(r) for r in rows["input_ids"]} == {64}
     with pytest.raises(CodebookError, match="needs a tokenizer"):
         build_story_dataset(stories[:5], seq_len=64)
+
+
+def test_story_rows(stories, tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = story_rows(tokenizer, stories[:40], max_len=512)
+    ids, mask, labels = rows["input_ids"], rows["attention_mask"], rows["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 40
+    lengths = mask.sum(1)
+    assert int(lengths.max()) == ids.shape[1] and bool((mask[:, 0] == 1).all())
+    for i in range(40):
+        n = int(lengths[i])
+        assert ids[i, 0] == eos and ids[i, n - 1] == eos and bool((mask[i, n:] == 0).all())
+        text = tokenizer.decode(ids[i, :n], skip_special_tokens=True)
+        assert text == stories[i]["text"]
+        assert bool((labels[i, n:] == -100).all()) and labels[i, :n].tolist() == ids[i, :n].tolist()
+    cut = story_rows(tokenizer, stories[:40], max_len=16)
+    assert cut["input_ids"].shape == (40, 16) and bool((cut["attention_mask"] == 1).all())
+    with pytest.raises(CodebookError, match="max_len"):
+        story_rows(tokenizer, stories[:2], max_len=1)
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama"])

@@ -13,7 +13,8 @@ Generic sentences mention no topic; topic sentences mention no other topic, exce
 dragons sometimes breathe fire.
 
 The rest of the pipeline: :func:`train_story_tokenizer` (byte-level BPE as a
-``PreTrainedTokenizerFast``), :func:`pack_stories` (fixed-length LM blocks),
+``PreTrainedTokenizerFast``), :func:`pack_stories` (fixed-length LM blocks) or
+:func:`story_rows` (one story per row: no attention across stories, topics stay apart),
 :func:`build_story_dataset` (a ``datasets.Dataset``) and :func:`tiny_story_model_config`
 (a 1-layer GPT-NeoX or Llama config that learns the corpus in minutes on a CPU).
 """
@@ -690,14 +691,41 @@ def pack_stories(tokenizer: Any, stories: Iterable[str | Mapping[str, Any]], seq
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def story_rows(tokenizer: Any, stories: Iterable[str | Mapping[str, Any]],
+               max_len: int = 128) -> dict[str, torch.Tensor]:
+    """One story per row, for LM training without attention across stories: each row is
+    ``<|endoftext|> story <|endoftext|>`` cut to ``max_len`` and padded with the EOS id to the
+    longest row. Returns ``input_ids``, ``attention_mask`` (0 on padding) and ``labels``
+    (-100 on padding; the closing EOS is a label, so the model learns where stories end)."""
+    if max_len < 2:
+        raise CodebookError(f"story_rows(max_len={max_len}): must be >= 2")
+    texts = _texts(stories)
+    if not texts:
+        raise CodebookError("story_rows: no stories; pass at least one")
+    eos = tokenizer.eos_token_id
+    rows = [([eos] + r + [eos])[:max_len]
+            for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), eos, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100)}
+
+
 def build_story_dataset(stories: Sequence[Mapping[str, Any]] | StoryConfig | None = None,
-                        tokenizer: Any = None, seq_len: int | None = None):
+                        tokenizer: Any = None, seq_len: int | None = None,
+                        packed: bool = True):
     """A ``datasets.Dataset`` of stories.
 
     Without ``seq_len``: one row per story, columns ``text`` and ``topic`` (and
     ``input_ids``, BOS first, if a ``tokenizer`` is given). With ``seq_len`` (needs the
-    tokenizer): packed LM blocks from :func:`pack_stories`, columns ``input_ids`` and
-    ``labels`` (a copy; causal LMs shift labels themselves).
+    tokenizer): LM training rows of equal length, either packed blocks from
+    :func:`pack_stories` (columns ``input_ids`` and ``labels``, a copy: causal LMs shift
+    labels themselves) or, with ``packed=False``, one story per row from :func:`story_rows`
+    (``input_ids``, ``attention_mask``, ``labels``).
     """
     from datasets import Dataset
 
@@ -709,6 +737,9 @@ def build_story_dataset(stories: Sequence[Mapping[str, Any]] | StoryConfig | Non
         if tokenizer is None:
             raise CodebookError("build_story_dataset(seq_len=...) needs a tokenizer; pass "
                                 "tokenizer=train_story_tokenizer(...)")
+        if not packed:
+            return Dataset.from_dict({k: v.tolist() for k, v in
+                                      story_rows(tokenizer, stories, seq_len).items()})
         ids = pack_stories(tokenizer, stories, seq_len).tolist()
         return Dataset.from_dict({"input_ids": ids, "labels": [list(r) for r in ids]})
     cols: dict[str, list] = {"text": _texts(stories),
