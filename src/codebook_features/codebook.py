@@ -196,9 +196,9 @@ class CodebookLayer(nn.Module):
             self.recorded.append(a.detach())
         xg = x.reshape(-1, c.groups, c.group_dim)
         codes, scores = self.search(xg.detach())
-        weights = snap.combine_weights(c.k, c.combine, codes)
+        weights: Tensor | float = snap.combine_weights(c.k, c.combine)
         if self.interventions:
-            codes, weights = self._intervene(codes, weights, lead)
+            codes, weights = self._intervene(codes, lead)
         self.last_codes = codes.view(*lead, c.groups, codes.shape[-1])
         self.last_scores = scores.view(*lead, c.groups, c.k)
         if self.bypass:
@@ -216,20 +216,17 @@ class CodebookLayer(nn.Module):
     def _update_stats(self, xg: Tensor, codes: Tensor, err: Tensor) -> None:
         c = self.config
         flat = snap._flat_codes(codes, c.num_codes).reshape(-1)
-        counts = torch.bincount(flat, minlength=c.groups * c.num_codes)
+        counts = torch.bincount(flat, minlength=c.groups * c.num_codes).view(c.groups, -1)
         self.step += 1
-        fired = counts.view(c.groups, c.num_codes) > 0
-        self.code_counts += counts.view(c.groups, c.num_codes)
-        self.last_fired.masked_fill_(fired, self.step)
+        self.code_counts += counts
+        self.last_fired.masked_fill_(counts > 0, self.step)
         n = xg.shape[0]
         self.tokens_seen += n
-        self.sse += err.double()
-        xd = xg.reshape(n, c.dim).double()
-        self.sum_x += xd.sum(0)
-        self.sum_x2 += xd.pow(2).sum()
-        keep = min(n, 4096)
-        idx = torch.randperm(n, device=xg.device)[:keep] if keep < n else slice(None)
-        self._recent = xg[idx].clone()
+        self.sse += err
+        flat_x = xg.reshape(n, c.dim)
+        self.sum_x += flat_x.sum(0)
+        self.sum_x2 += torch.linalg.vector_norm(flat_x).square()
+        self._recent = xg  # kept by reference (autograd holds it anyway); sampled on use
 
     def reset_stats(self) -> None:
         """Zero the usage counters and error sums (the dead-code clock keeps running)."""
@@ -278,7 +275,7 @@ class CodebookLayer(nn.Module):
             raise CodebookError(f"{self.config.name}: no recent inputs to draw replacement "
                                 "codes from; run a training forward first or pass inputs")
         src = src.to(self.codebook.device, self.codebook.dtype)
-        src = src.reshape(src.shape[0], self.config.groups, self.config.group_dim)
+        src = src.reshape(-1, self.config.groups, self.config.group_dim)
         g_idx, c_idx = dead.nonzero(as_tuple=True)
         n = g_idx.numel()
         if n == 0:
@@ -367,8 +364,8 @@ class CodebookLayer(nn.Module):
             iv.positions = tuple(int(p) for p in iv.positions)
         self.interventions.append(iv)
 
-    def _intervene(self, codes: Tensor, weights: Tensor, lead: torch.Size) -> tuple[Tensor, Tensor]:
-        """Apply the interventions to ``codes``/``weights`` of shape ``(N, G, K)``."""
+    def _intervene(self, codes: Tensor, lead: torch.Size) -> tuple[Tensor, Tensor]:
+        """Apply the interventions to ``codes`` ``(N, G, K)``; returns codes and slot weights."""
         c = self.config
         n = codes.shape[0]
         dev = codes.device

@@ -84,15 +84,16 @@ def search(x: Tensor, codebook: Tensor, k: int, similarity: str = "cosine",
     return SearchResult(codes.contiguous(), scores.contiguous())
 
 
-def combine_weights(k: int, combine: str, like: Tensor) -> Tensor:
-    """Per-slot weights for a plain top-k: ``1/k`` each for mean, 1 for sum."""
-    w = 1.0 / k if combine == "mean" else 1.0
-    return torch.full(like.shape, w, dtype=torch.float32, device=like.device)
+def combine_weights(k: int, combine: str) -> float:
+    """The weight of every slot of a plain top-k: ``1/k`` for mean, 1 for sum."""
+    return 1.0 / k if combine == "mean" else 1.0
 
 
 def _flat_codes(codes: Tensor, num_codes: int) -> Tensor:
     """Codes ``(N, G, K)`` as rows of the flattened ``(G*C, dg)`` codebook: ``(N*G, K)``."""
     n, g, k = codes.shape
+    if g == 1:
+        return codes.view(n, k)
     offsets = torch.arange(g, device=codes.device).mul_(num_codes).view(1, g, 1)
     return (codes + offsets).view(n * g, k)
 
@@ -102,47 +103,65 @@ class _SnapCombine(torch.autograd.Function):
 
     Backward: ``dL/dx = dL/dy`` (straight-through); each chosen code gets
     ``w * (dL/dy + mse_coeff * d MSE(y, stop_grad(x)) / dy)``, accumulated with ``index_add_``;
-    no ``N x C`` tensor is formed.
+    no ``N x C`` tensor is formed. ``weights`` is a float (the same for every slot) or a
+    ``(N, G, K)`` tensor (after interventions).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor,
+    def forward(ctx, x: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor | float,
                 mse_coeff: float) -> Tensor:
         n, g, dg = x.shape
         num_codes = codebook.shape[1]
         k = codes.shape[-1]
         flat = _flat_codes(codes, num_codes)
-        w = weights.to(codebook.dtype).reshape(n * g, k)
-        y = F.embedding_bag(flat, codebook.reshape(-1, dg), per_sample_weights=w, mode="sum")
+        book = codebook.reshape(-1, dg)
+        if isinstance(weights, Tensor):
+            w = weights.to(codebook.dtype).reshape(n * g, k)
+            y = F.embedding_bag(flat, book, per_sample_weights=w, mode="sum")
+        elif k == 1:
+            y = book.index_select(0, flat.view(-1))
+            if weights != 1.0:
+                y = y.mul_(weights)
+            w = weights
+        else:  # weights is 1 (sum) or 1/k (mean)
+            y = F.embedding_bag(flat, book, mode="sum" if weights == 1.0 else "mean")
+            w = weights
         y = y.view(n, g, dg)
-        ctx.save_for_backward(x, y, flat, w)
+        ctx.save_for_backward(x, y, flat, *([w] if isinstance(w, Tensor) else []))
+        ctx.scalar_w = None if isinstance(w, Tensor) else float(w)
         ctx.mse_coeff = mse_coeff
         ctx.codebook_shape = codebook.shape
-        ctx.x_needs_grad = ctx.needs_input_grad[0]
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, y, flat, w = ctx.saved_tensors
+        x, y, flat, *w = ctx.saved_tensors
         grad_codebook = None
         if ctx.needs_input_grad[1]:
             g_c, c, dg = ctx.codebook_shape
             row = grad_y
             if ctx.mse_coeff:
                 row = torch.add(grad_y, y - x, alpha=2.0 * ctx.mse_coeff / x.numel())
-            src = (w.unsqueeze(-1) * row.reshape(-1, 1, dg)).reshape(-1, dg)
+            row = row.reshape(-1, dg)
+            k = flat.shape[1]
+            if w:
+                src = (w[0].unsqueeze(-1) * row.unsqueeze(1)).reshape(-1, dg)
+            else:
+                src = row * ctx.scalar_w if ctx.scalar_w != 1.0 else row
+                if k > 1:
+                    src = src.unsqueeze(1).expand(-1, k, dg).reshape(-1, dg)
             grad_codebook = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
             grad_codebook.index_add_(0, flat.reshape(-1), src)
             grad_codebook = grad_codebook.view(g_c, c, dg)
-        grad_x = grad_y if ctx.x_needs_grad else None
+        grad_x = grad_y if ctx.needs_input_grad[0] else None
         return grad_x, grad_codebook, None, None, None
 
 
-def snap_combine(x: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor,
+def snap_combine(x: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor | float,
                  mse_coeff: float = 1.0) -> Tensor:
     """Combine the chosen codes into the output; see :class:`_SnapCombine` for gradients.
 
     ``x`` ``(N, G, dg)`` is the (layer-normed) input, used for the straight-through gradient and
-    the MSE term; ``codes`` and ``weights`` are ``(N, G, K)``.
+    the MSE term; ``codes`` is ``(N, G, K)``; ``weights`` a float or ``(N, G, K)``.
     """
     return _SnapCombine.apply(x, codebook, codes, weights, float(mse_coeff))
