@@ -53,7 +53,7 @@ SHAPES = [
 QUICK = {"pythia-70m": (2, 128), "tokfsm": (16, 128)}
 
 
-def build(shape: Shape) -> CodebookModel:
+def build(shape: Shape, **codebook_kw) -> CodebookModel:
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers,
                         num_attention_heads=shape.heads, intermediate_size=shape.mlp,
@@ -62,7 +62,7 @@ def build(shape: Shape) -> CodebookModel:
                         hidden_dropout=0.0, attention_dropout=0.0)
     base = GPTNeoXForCausalLM(cfg).train()
     return CodebookModel(base, placements=["attn_heads"], num_codes=shape.num_codes,
-                         k=shape.k).train()
+                         k=shape.k, **codebook_kw).train()
 
 
 def step(model: CodebookModel, ids: torch.Tensor) -> tuple[float, float]:
@@ -75,8 +75,8 @@ def step(model: CodebookModel, ids: torch.Tensor) -> tuple[float, float]:
     return ms, cpu
 
 
-def measure(shape: Shape, warmup: int, repeats: int) -> dict:
-    model = build(shape)
+def measure(shape: Shape, warmup: int, repeats: int, **codebook_kw) -> dict:
+    model = build(shape, **codebook_kw)
     ids = torch.randint(shape.vocab, (shape.batch, shape.seq),
                         generator=torch.Generator().manual_seed(0))
     base_ms, cb_ms, base_cpu, cb_cpu = [], [], [], []
@@ -102,6 +102,7 @@ def measure(shape: Shape, warmup: int, repeats: int) -> dict:
         "batch": shape.batch, "seq": shape.seq, "num_codes": shape.num_codes, "k": shape.k,
         "groups": shape.heads, "layers": shape.layers, "repeats": repeats,
         "threads": torch.get_num_threads(),
+        "chunk_mib": model.codebook_config.chunk_mib,
     }
 
 
@@ -127,14 +128,27 @@ def main(argv: list[str] | None = None) -> None:
                     help="only these shapes (repeatable)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant")
     ap.add_argument("--profile", action="store_true", help="print a profile to stderr")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's; 1 is steadier on a busy machine)")
+    ap.add_argument("--chunk-mib", type=float, default=None,
+                    help="similarity block bound of the exact search (default: the library's)")
+    ap.add_argument("--no-check-finite", action="store_true",
+                    help="skip the NaN/inf check of codebook inputs")
     args = ap.parse_args(argv)
+    kw: dict = {}
+    if args.chunk_mib:
+        kw["chunk_mib"] = args.chunk_mib
+    if args.no_check_finite:
+        kw["check_finite"] = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for shape in SHAPES:
         if args.shape and shape.name not in args.shape:
             continue
         if args.quick:
             shape.batch, shape.seq = QUICK[shape.name]
         repeats = args.repeats or (3 if args.quick else 7)
-        print(json.dumps(measure(shape, warmup=1 if args.quick else 2, repeats=repeats)),
+        print(json.dumps(measure(shape, warmup=1 if args.quick else 2, repeats=repeats, **kw)),
               flush=True)
         if args.profile:
             profile(shape)

@@ -175,12 +175,18 @@ def _first_child(parent: nn.Module, names: Sequence[str]) -> str | None:
 
 
 def _find_in(parent: nn.Module, names: Sequence[str]) -> str | None:
-    """Path (relative to ``parent``) of the first linear-like descendant named in ``names``."""
+    """Path (relative to ``parent``) of the first linear-like descendant named in ``names``.
+
+    Paths through a ModuleList (e.g. one expert of a mixture of experts) do not count: a hook
+    there would see only part of the activation.
+    """
     found = {}
     for path, mod in parent.named_modules():
-        leaf = path.rsplit(".", 1)[-1]
-        if path and leaf in names and _in_width(mod) is not None:
-            found.setdefault(leaf, path)
+        parts = path.split(".")
+        if not path or any(p.isdigit() for p in parts):
+            continue
+        if parts[-1] in names and _in_width(mod) is not None:
+            found.setdefault(parts[-1], path)
     for n in names:
         if n in found:
             return found[n]
@@ -200,7 +206,9 @@ def _discover(block: nn.Module) -> dict[str, str | None]:
     mlp = _first_child(block, _MLP_NAMES)
     mlp_proj = None
     if mlp is not None:
-        sub = _find_in(getattr(block, mlp), _DOWN_NAMES)
+        mod = getattr(block, mlp)
+        moe = any("expert" in n for n, _ in mod.named_modules())
+        sub = None if moe else _find_in(mod, _DOWN_NAMES)  # no single hidden layer in an MoE
         mlp_proj = f"{mlp}.{sub}" if sub else None
     else:  # MLP layers directly in the block (OPT style)
         mlp_proj = _first_child(block, ("fc2", "down_proj", "dense_4h_to_h", "fc_out"))
