@@ -2,6 +2,8 @@
 
 from .codebook import CodebookConfig, CodebookLayer, CodebookStats, Intervention
 from .errors import CodebookError
+from .model import CodebookModel, CodebookModelConfig
 
-__all__ = ["CodebookConfig", "CodebookError", "CodebookLayer", "CodebookStats", "Intervention"]
+__all__ = ["CodebookConfig", "CodebookError", "CodebookLayer", "CodebookModel",
+           "CodebookModelConfig", "CodebookStats", "Intervention"]
 __version__ = "0.1.0"

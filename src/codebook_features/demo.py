@@ -47,7 +47,7 @@ class DemoConfig:
     heads: int = 4
     mlp: int = 512
     batch: int = 32
-    base_steps: int = 400
+    base_steps: int = 450
     base_lr: float = 3e-3
     finetune_steps: int = 150
     codebook_lr: float = 3e-3
@@ -63,6 +63,8 @@ class DemoConfig:
     analysis_sequences: int = 400
     """Held-out sequences for the code and neuron statistics."""
     intervention_pairs: int = 200
+    intervention_precision: float = 0.5
+    """Precision (at state boundaries) above which a code counts as a state code when swapping."""
     threads: int = 0
     """torch threads (0: leave as is)."""
     variants: list[str] = field(default_factory=list)
@@ -262,28 +264,60 @@ def analyse_state_codes(cbm, fsm, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
         "mean_precision": round(float(neuron_prec.nanmean()), 4) if sc.numel() else None,
         "precisions": [round(float(x), 4) for x in neuron_prec],
     }
-    intervention = intervene_states(cbm, fsm, stats, eval_ds, cfg)
+    intervention = intervene_states(cbm, fsm, eval_ds, cfg)
     return {"state_codes": state_codes, "neurons": neuron_summary, "intervention": intervention}
 
 
 @torch.no_grad()
-def intervene_states(cbm, fsm, stats, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
-    """Swap state A's state codes for state B's in every MLP codebook; measure the effect.
+def digit_state_codes(cbm, fsm, ids: torch.Tensor, precision_threshold: float = 0.9
+                      ) -> dict[tuple[str, int, int], Any]:
+    """State codes of every site, group and digit position of a state.
 
-    For each (A, B) pair the prompt is a held-out sequence cut right after an occurrence of A;
-    at its last position, each MLP codebook whose chosen codes include a state code of A has
-    them replaced by that site's top state code for B.
+    Returns ``(site, group, digit) -> CodeStateStats`` computed over the positions holding
+    digit ``digit`` of a state (the last digit is where the next state is predicted).
     """
     from . import fsm as fm
 
-    mlp_sites = [n for n in cbm.site_names if n.endswith("mlp_out")]
-    per_site = {n: _site_state_codes(cbm, n, fsm, eval_ds, cfg) for n in mlp_sites}
-    per_site[f"layers.{cfg.layers - 1}.mlp_out"] = stats
-    top_code = {n: _top_code_per_state(s, fsm.num_states) for n, s in per_site.items()}
+    codes: dict[str, list[torch.Tensor]] = {n: [] for n in cbm.site_names}
+    for i in range(0, len(ids), 64):
+        cbm.base_model(input_ids=ids[i:i + 64])
+        for n, layer in cbm.sites.items():
+            codes[n].append(layer.last_codes)
+    pos_states, digit = fsm.position_states(fsm.decode(ids))
+    pos_states, digit = pos_states.reshape(-1), digit.reshape(-1)
+    out = {}
+    for n, chunks in codes.items():
+        c = torch.cat(chunks)
+        c = c.reshape(-1, *c.shape[-2:])  # (positions, G, k)
+        for d in range(fsm.digits):
+            at = digit == d
+            for g in range(c.shape[1]):
+                out[(n, g, d)] = fm.code_state_precision(
+                    c[at, g], pos_states[at], cbm.site(n).config.num_codes,
+                    num_states=fsm.num_states, precision_threshold=precision_threshold,
+                    min_activations=3)
+    return out
+
+
+@torch.no_grad()
+def intervene_states(cbm, fsm, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
+    """Swap state A's state codes for state B's where A is written; measure the effect.
+
+    For each (A, B) pair the prompt is a held-out sequence cut right after an occurrence of A.
+    At each of A's digit positions, every site and group whose chosen codes include a state
+    code of A for that digit (:func:`digit_state_codes`) has them replaced by that site's most
+    frequent state code for B at the same digit. Pairs where nothing can be swapped are skipped.
+    """
+    from . import fsm as fm
+
     ids = torch.tensor(eval_ds["input_ids"][: cfg.analysis_sequences])
+    per_site = digit_state_codes(cbm, fsm, ids, cfg.intervention_precision)
+    top_code = {key: _top_code_per_state(st, fsm.num_states) for key, st in per_site.items()}
+    a_codes = {key: [set(st.codes_for_state(a).tolist()) for a in range(fsm.num_states)]
+               for key, st in per_site.items()}
     states = fsm.decode(ids)
     gen = torch.Generator().manual_seed(cfg.seed)
-    befores, afters, pairs = [], [], []
+    befores, afters, pairs, swapped = [], [], [], []
     tries = 0
     while len(pairs) < cfg.intervention_pairs and tries < 20 * cfg.intervention_pairs:
         tries += 1
@@ -291,46 +325,47 @@ def intervene_states(cbm, fsm, stats, eval_ds, cfg: DemoConfig) -> dict[str, Any
         j = int(torch.randint(4, states.shape[1] - 1, (1,), generator=gen))
         a = int(states[row, j])
         b = int(torch.randint(fsm.num_states, (1,), generator=gen))
-        if b == a or set(fsm.successors(a)) == set(fsm.successors(b)):
-            continue
-        if not all(top_code[n][b] >= 0 for n in mlp_sites):
+        if a < 0 or b == a or set(fsm.successors(a)) == set(fsm.successors(b)):
             continue
         prefix = ids[row, : 1 + fsm.digits * (j + 1)]
-        before = fm.next_state_probs(cbm.base_model, prefix, fsm)
-        t = prefix.shape[0] - 1
-        for n in mlp_sites:
+        end = prefix.shape[0] - fsm.digits  # position of A's first digit
+        cbm.base_model(input_ids=prefix.unsqueeze(0))
+        swaps, total = 0, 0
+        for (n, g, d), top in top_code.items():
             layer = cbm.site(n)
-            a_codes = set(per_site[n].codes_for_state(a).tolist())
-            cbm.base_model(input_ids=prefix.unsqueeze(0))
-            chosen = layer.last_codes[0, t, 0].tolist()
-            for slot, code in enumerate(chosen):
-                if code in a_codes:
-                    layer.replace_code(int(top_code[n][b]), slot=slot, positions=[t])
+            for slot, code in enumerate(layer.last_codes[0, end + d, g].tolist()):
+                total += 1
+                if code in a_codes[(n, g, d)][a] and top[b] >= 0:
+                    layer.replace_code(int(top[b]), slot=slot, group=g, positions=[end + d])
+                    swaps += 1
+        if not swaps:
+            cbm.clear_interventions()
+            continue
         after = fm.next_state_probs(cbm.base_model, prefix, fsm)
         cbm.clear_interventions()
-        befores.append(before)
+        befores.append(fm.next_state_probs(cbm.base_model, prefix, fsm))
         afters.append(after)
         pairs.append((a, b, row, j))
+        swapped.append(swaps / total)
     if not pairs:
         return {"pairs": 0, "success": None, "note": "no state pairs with state codes found"}
     pb, pa = torch.stack(befores), torch.stack(afters)
-    masks = torch.stack([_mask(fsm.successors(b), fsm.num_states) for _, b, _, _ in pairs])
-    mass_after = (pa * masks).sum(-1)
-    mass_before = (pb * masks).sum(-1)
-    mass_a_after = torch.stack([(pa[i] * _mask(fsm.successors(a), fsm.num_states)).sum()
-                                for i, (a, _, _, _) in enumerate(pairs)])
-    target = masks.double() / masks.sum(-1, keepdim=True)
-    jsd_before = fm.js_divergence(pb, target)
-    jsd_after = fm.js_divergence(pa, target)
-    ex = 0
+    to_b = torch.stack([_mask(fsm.successors(b), fsm.num_states) for _, b, _, _ in pairs])
+    to_a = torch.stack([_mask(fsm.successors(a), fsm.num_states) for a, _, _, _ in pairs])
+    target = to_b.double() / to_b.sum(-1, keepdim=True)  # B's true next-state distribution
+    mass_before, mass_after = fm.successor_mass(pb, to_b), fm.successor_mass(pa, to_b)
+    mass_a_after = fm.successor_mass(pa, to_a)
+    jsd_before, jsd_after = fm.js_divergence(pb, target), fm.js_divergence(pa, target)
+    ex = int(mass_after.argsort()[len(pairs) // 2])  # a median example
     return {
         "pairs": len(pairs),
-        "sites": mlp_sites,
         "success": round(float(mass_after.mean()), 4),
+        "median_success": round(float(mass_after.median()), 4),
         "mass_on_target_successors_before": round(float(mass_before.mean()), 4),
         "mass_on_source_successors_after": round(float(mass_a_after.mean()), 4),
         "jsd_before": round(float(jsd_before.mean()), 4),
         "jsd_after": round(float(jsd_after.mean()), 4),
+        "share_of_codes_swapped": round(sum(swapped) / len(swapped), 4),
         "example": {"a": pairs[ex][0], "b": pairs[ex][1],
                     "a_successors": fsm.successors(pairs[ex][0]),
                     "b_successors": fsm.successors(pairs[ex][1]),
@@ -340,24 +375,9 @@ def intervene_states(cbm, fsm, stats, eval_ds, cfg: DemoConfig) -> dict[str, Any
 
 
 def _mask(successors, n: int) -> torch.Tensor:
-    m = torch.zeros(n, dtype=torch.float64)
-    m[list(successors)] = 1
+    m = torch.zeros(n, dtype=torch.bool)
+    m[list(successors)] = True
     return m
-
-
-def _site_state_codes(cbm, site: str, fsm, eval_ds, cfg: DemoConfig):
-    from . import fsm as fm
-
-    layer = cbm.site(site)
-    ids = torch.tensor(eval_ds["input_ids"][: cfg.analysis_sequences])
-    codes = []
-    for i in range(0, len(ids), 64):
-        cbm.base_model(input_ids=ids[i:i + 64])
-        codes.append(layer.last_codes[..., 0, :])
-    pos_states, _ = fsm.position_states(fsm.decode(ids))
-    return fm.code_state_precision(torch.cat(codes).reshape(-1, layer.config.k),
-                                   pos_states.reshape(-1), layer.config.num_codes,
-                                   num_states=fsm.num_states)
 
 
 def _top_code_per_state(stats, num_states: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Datasets: the TokFSM synthetic task (and, later, text corpora)."""
+"""Datasets the project makes itself: the TokFSM task and generated topic stories."""
 
 from .tokfsm import (
     BOS_TOKEN,
