@@ -1,0 +1,104 @@
+"""`codebook-features train`: a config, a local model folder and a text file, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXForCausalLM
+
+from codebook_features.data.stories import (
+    generate_stories,
+    tiny_story_model_config,
+    train_story_tokenizer,
+    write_corpus,
+)
+from codebook_features.errors import CodebookError
+from codebook_features.train import load_config, run_training
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stories-local.yaml"
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    stories = generate_stories(num_stories=300, seed=0)
+    corpus = write_corpus(d / "stories.txt", stories)
+    tok = train_story_tokenizer([s["text"] for s in stories], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(tiny_story_model_config(tok, hidden_size=32, num_heads=2,
+                                                       max_position_embeddings=64))
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    return d, corpus
+
+
+def overrides(d: Path, corpus: Path, *extra: str) -> list[str]:
+    return [f"model={d / 'model'}", f"data.files=[{corpus}]", "data.seq_len=32",
+            "training.max_steps=4", "training.save_steps=2", "training.logging_steps=2",
+            f"training.output_dir={d / 'run'}", "training.use_cpu=true",
+            "training.disable_tqdm=true", "codebooks.num_codes=64", *extra]
+
+
+def test_train_end_to_end_and_resume(workload):
+    d, corpus = workload
+    cfg = load_config(CONFIG, overrides(d, corpus))
+    metrics = run_training(cfg)
+    final = d / "run" / "final"
+    assert (final / "codebooks.safetensors").is_file()
+    saved = json.loads((final / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("with_codebooks", "without_codebooks"):
+        assert 0 < metrics[key]["loss"] < 20 and 0 <= metrics[key]["accuracy"] <= 1
+    assert (d / "run" / "checkpoint-4").is_dir()
+    # Running again resumes from the last checkpoint (already at max_steps): nothing retrained.
+    again = run_training(load_config(CONFIG, overrides(d, corpus)))
+    assert again == metrics
+
+
+def test_cli_runs(workload, tmp_path):
+    d, corpus = workload
+    args = overrides(d, corpus, f"training.output_dir={tmp_path / 'cli'}",
+                     "training.max_steps=2")
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "train", str(CONFIG),
+                           *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"with_codebooks"' in proc.stdout
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["training.colour=red"], r"training: unknown key\(s\) \['colour'\]"),
+    (["codebooks.colour=red"], "unknown codebook model config keys"),
+    (["training.max_steps=many"], "training.max_steps must be an int, got 'many'"),
+    (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's 64 positions"),
+    (["data.text_column=body"], None),
+    (["model=/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+    (["codebooks.k=100"], "k=100 must be between 1 and num_codes=64"),
+])
+def test_bad_configs_fail_before_work(workload, extra, match):
+    d, corpus = workload
+    if extra == ["data.text_column=body"]:
+        jsonl = write_corpus(d / "stories.jsonl", generate_stories(num_stories=5, seed=1))
+        args = overrides(d, corpus, f"data.files=[{jsonl}]", *extra)
+        match = r"dataset has no column 'body'"
+    else:
+        args = overrides(d, corpus, *extra)
+    never = d / f"never-{abs(hash(tuple(extra)))}"
+    with pytest.raises(CodebookError, match=match):
+        run_training(load_config(CONFIG, [*args, f"training.output_dir={never}"]))
+    assert not never.exists()  # stopped before any training output was written
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(CodebookError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(CodebookError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(CodebookError, match="model is required"):
+        load_config(CONFIG)
