@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from codebook_features.cli import main
 from codebook_features.data.stories import (
     generate_stories,
     tiny_story_model_config,
@@ -58,6 +60,18 @@ def test_train_end_to_end_and_resume(workload):
     # Running again resumes from the last checkpoint (already at max_steps): nothing retrained.
     again = run_training(load_config(CONFIG, overrides(d, corpus)))
     assert again == metrics
+
+    # eval: the paper's Table 2 from the saved codebooks, same figures as the training run's.
+    assert main(["eval", str(final), str(CONFIG), *overrides(d, corpus),
+                 "data.eval_split=train"]) == 0
+    ev = json.loads((final / "eval_metrics.json").read_text())
+    table = (final / "eval_table.md").read_text()
+    assert "| With codebooks |" in table and "| layers.0.attn_heads |" in table
+    assert ev["sites"]["layers.0.attn_heads"]["fvu"] > 0
+    assert 0 <= ev["sites"]["layers.0.attn_heads"]["dead_fraction"] < 1
+    assert ev["with_codebooks"]["perplexity"] == pytest.approx(
+        math.exp(ev["with_codebooks"]["loss"]))
+    assert main(["eval", str(d / "nowhere"), str(CONFIG), *overrides(d, corpus)]) == 2
 
 
 def test_cli_runs(workload, tmp_path):

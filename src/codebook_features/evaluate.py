@@ -1,0 +1,103 @@
+"""``codebook-features eval``: a saved codebook model on a dataset, in the paper's Table 2 form.
+
+Reports LM loss, next-token accuracy and perplexity with and without the codebooks, and per
+site the reconstruction MSE, fraction of variance unexplained, dead-code fraction (codes that
+never fired on the evaluation data) and code-usage entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import command
+from .errors import CodebookError
+
+
+@torch.no_grad()
+def evaluate_codebooks(model, eval_ds, batch_size: int = 16) -> dict[str, Any]:
+    """LM metrics with and without codebooks, and per-site codebook statistics."""
+    from .fsm import lm_metrics
+
+    model.eval()
+    layers = model.sites
+    saved = {n: {k: v.clone() for k, v in layer.state_dict().items()} for n, layer in
+             layers.items()}
+    for layer in layers.values():  # count usage on the evaluation data only
+        layer.reset_stats()
+        layer.train()
+    try:
+        with_cb = lm_metrics(model.base_model, eval_ds, batch_size=batch_size)
+        sites = {}
+        for name, layer in layers.items():
+            s = layer.stats()
+            sites[name] = {"mse": s.mse, "fvu": s.fvu,
+                           "dead_fraction": float((layer.code_counts == 0).float().mean()),
+                           "usage_entropy": s.usage_entropy}
+    finally:
+        for name, layer in layers.items():
+            layer.eval()
+            layer.load_state_dict(saved[name])
+    with model.codebooks_disabled():
+        without = lm_metrics(model.base_model, eval_ds, batch_size=batch_size)
+
+    def row(m) -> dict[str, float]:
+        return {"loss": m.loss, "accuracy": m.accuracy, "perplexity": math.exp(min(m.loss, 50))}
+
+    return {"with_codebooks": row(with_cb), "without_codebooks": row(without), "sites": sites,
+            "tokens": with_cb.tokens}
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Markdown tables: models (Table 2 style) and per-site codebook statistics."""
+    lines = ["| Model | Loss | LM Acc (%) | Perplexity |", "|---|---|---|---|"]
+    for label, key in (("Without codebooks", "without_codebooks"),
+                       ("With codebooks", "with_codebooks")):
+        m = metrics[key]
+        lines.append(f"| {label} | {m['loss']:.3f} | {100 * m['accuracy']:.2f} | "
+                     f"{m['perplexity']:.2f} |")
+    lines += ["", "| Site | MSE | FVU | Dead codes | Usage entropy |", "|---|---|---|---|---|"]
+    for name, s in metrics["sites"].items():
+        lines.append(f"| {name} | {s['mse']:.4f} | {s['fvu']:.4f} | "
+                     f"{100 * s['dead_fraction']:.1f}% | {s['usage_entropy']:.3f} |")
+    return "\n".join(lines)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("codebooks", help="folder written by save_codebooks (e.g. OUTPUT/final)")
+    p.add_argument("config", help="the training config (its model and data sections are used)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--out", help="write metrics.json and table.md here (default: CODEBOOKS)")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+@command("eval", "evaluate saved codebooks on a dataset; print the paper's Table 2", _options)
+def _eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .data.text import load_text, pack
+    from .io import write_json, write_text
+    from .model import CodebookModel
+    from .train import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    if not Path(args.codebooks).is_dir():
+        raise CodebookError(f"codebook folder {args.codebooks} not found")
+    model = CodebookModel.from_pretrained(args.codebooks, base_model=cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column)
+    eval_ds = pack(text, tokenizer, d.seq_len, d.text_column)
+    if len(eval_ds) == 0:
+        raise CodebookError(f"no evaluation rows of {d.seq_len} tokens; lower data.seq_len")
+    metrics = evaluate_codebooks(model, eval_ds, args.batch_size)
+    table = format_table(metrics)
+    out = Path(args.out or args.codebooks)
+    write_json(out / "eval_metrics.json", metrics)
+    write_text(out / "eval_table.md", table + "\n")
+    print(table)
+    return 0
