@@ -1,0 +1,298 @@
+"""Build a code index: the codes a :class:`CodebookModel` chooses on every token of a corpus.
+
+Layout of an index folder (one shard per ``shard_tokens`` tokens, whole documents only)::
+
+    meta.json                        model base_info, sites, tokenizer, settings, shards done
+    shard-00000.tokens.parquet       doc, pos, token_id, token, start, end (one row per token)
+    shard-00000.codes.parquet        doc, pos, site, grp, slot, code, score (one row per code)
+    shard-00000.docs.parquet         doc, text
+
+The code table is "exploded" (one row per token, site, group and slot): every query is a
+plain filter or GROUP BY on flat integer columns (no list unnesting), and each shard is sorted
+by ``(site, grp, code, doc, pos)`` so Parquet row-group statistics let DuckDB skip everything
+but the rows of the code asked for. ``site`` is the site's index in ``meta["sites"]``.
+
+Shard files are written under a temporary name and renamed; ``meta.json`` is rewritten
+atomically after each shard and lists the shards completed, so only listed shards are read,
+and a rerun skips them (a shard without a meta entry is written again).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CodebookError
+from ..io import read_json, write_json
+
+META_NAME = "meta.json"
+FORMAT = "codebook-features/code-index"
+FORMAT_VERSION = 1
+KINDS = ("tokens", "codes", "docs")
+
+
+def shard_file(shard: int, kind: str) -> str:
+    """File name of one table (``tokens``, ``codes`` or ``docs``) of shard ``shard``."""
+    return f"shard-{shard:05d}.{kind}.parquet"
+
+
+def site_infos(model: Any) -> list[dict[str, Any]]:
+    """Name, groups, k and num_codes of every site of a CodebookModel, in site order."""
+    return [{"name": name, "groups": layer.config.groups, "k": layer.config.k,
+             "num_codes": layer.config.num_codes} for name, layer in model.sites.items()]
+
+
+def check_model(meta: dict[str, Any], model: Any, where: str | os.PathLike) -> None:
+    """Raise a CodebookError if ``model`` is not the model the index at ``where`` was built
+    with (base model type, layer count, width, and sites with their groups, k, num_codes)."""
+    info = model.base_info()
+    saved = meta["base_model"]
+    for key in ("model_type", "num_layers", "hidden_size"):
+        if saved.get(key) is not None and info.get(key) != saved[key]:
+            raise CodebookError(f"{where}: the index was built with a model of {key} "
+                                f"{saved[key]}, this model has {info.get(key)}; pass the "
+                                "model the index was built with")
+    mine = {s["name"]: s for s in site_infos(model)}
+    for s in meta["sites"]:
+        m = mine.get(s["name"])
+        if m is None:
+            raise CodebookError(f"{where}: the index has site {s['name']!r}, which this model "
+                                f"lacks (sites: {', '.join(mine) or 'none'}); pass the model "
+                                "the index was built with")
+        if m != s:
+            raise CodebookError(f"{where}: site {s['name']} has groups/k/num_codes "
+                                f"{m['groups']}/{m['k']}/{m['num_codes']} in this model but "
+                                f"{s['groups']}/{s['k']}/{s['num_codes']} in the index; pass "
+                                "the model the index was built with")
+
+
+def _text_batches(texts: Any, text_column: str, size: int) -> Iterator[list[str]]:
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        Dataset = None  # noqa: N806
+    if Dataset is not None and isinstance(texts, Dataset):
+        if text_column not in texts.column_names:
+            raise CodebookError(f"build_index: the dataset has no column {text_column!r} "
+                                f"(columns: {texts.column_names}); pass text_column=")
+        for i in range(0, len(texts), size):
+            yield [str(t) for t in texts[i:i + size][text_column]]
+        return
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise CodebookError("build_index: texts must be a list of strings or a "
+                            "datasets.Dataset with a text column")
+    for i in range(0, len(texts), size):
+        chunk = list(texts[i:i + size])
+        for t in chunk:
+            if not isinstance(t, str):
+                raise CodebookError(f"build_index: texts must be strings, got "
+                                    f"{type(t).__name__}; pass the text column")
+        yield chunk
+
+
+def _write_parquet(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, row_group_size=131_072, compression="zstd")
+    os.replace(tmp, path)
+
+
+class _Shard:
+    """Rows of the shard being filled."""
+
+    def __init__(self) -> None:
+        self.docs: list[int] = []
+        self.texts: list[str] = []
+        self.tok: dict[str, list[np.ndarray]] = {k: [] for k in
+                                                  ("doc", "pos", "token_id", "start", "end")}
+        self.tok_text: list[str] = []
+        self.codes: dict[str, list[np.ndarray]] = {k: [] for k in
+                                                    ("doc", "pos", "site", "grp", "slot",
+                                                     "code", "score")}
+        self.tokens = 0
+
+
+def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
+                shard_tokens: int = 100_000, batch_size: int = 8, max_length: int | None = None,
+                text_column: str = "text", sites: Sequence[str] | None = None) -> Path:
+    """Run ``model`` (a CodebookModel) over ``texts`` and write a code index into ``path``.
+
+    ``texts``: a list of strings or a ``datasets.Dataset`` with ``text_column``. Every text
+    is tokenized with ``tokenizer`` (a fast tokenizer; special tokens such as BOS are added as
+    the tokenizer does by default) and cut to ``max_length`` tokens (default: the tokenizer's
+    and the model's limit). Documents are run ``batch_size`` at a time, right-padded. A shard
+    is closed after the first batch that brings it to ``shard_tokens`` tokens, so memory stays
+    bounded. Rerunning with
+    the same arguments resumes: shards listed in ``meta.json`` are skipped. Returns the path.
+    """
+    import pyarrow as pa
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise CodebookError("build_index needs a fast tokenizer (character offsets via "
+                            "return_offsets_mapping); load it with use_fast=True")
+    if shard_tokens < 1 or batch_size < 1:
+        raise CodebookError(f"build_index: shard_tokens={shard_tokens} and batch_size="
+                            f"{batch_size} must be >= 1")
+    all_sites = site_infos(model)
+    if sites is not None:
+        unknown = sorted(set(sites) - {s["name"] for s in all_sites})
+        if unknown:
+            raise CodebookError(f"build_index: unknown site(s) {unknown}; sites: "
+                                f"{', '.join(s['name'] for s in all_sites)}")
+        all_sites = [s for s in all_sites if s["name"] in set(sites)]
+    if not all_sites:
+        raise CodebookError("build_index: the model has no codebook sites to index")
+    if max_length is None:
+        limits = [int(tokenizer.model_max_length)]
+        mpe = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(mpe, int):
+            limits.append(mpe)
+        max_length = min(limits)
+    if not model.enabled:
+        raise CodebookError("build_index: the model's codebooks are disabled; call "
+                            "model.enable_codebooks() first")
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    settings = {"shard_tokens": int(shard_tokens), "batch_size": int(batch_size),
+                "max_length": int(max_length), "text_column": text_column}
+    meta: dict[str, Any] = {
+        "format": FORMAT, "version": FORMAT_VERSION, "base_model": model.base_info(),
+        "sites": all_sites, "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
+        "settings": settings, "shards": [], "complete": False,
+    }
+    meta_path = path / META_NAME
+    if meta_path.exists():
+        old = read_json(meta_path)
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise CodebookError(f"{meta_path}: not a code index; pass an empty folder")
+        same = all(old.get(k) == meta[k] for k in ("base_model", "sites", "tokenizer",
+                                                    "settings"))
+        if not same:
+            raise CodebookError(f"{path}: an index built with another model, tokenizer or "
+                                "settings is there; pass a new folder or delete it")
+        meta["shards"] = [s for s in old.get("shards", [])
+                          if all((path / f).is_file() for f in s["files"].values())]
+    done = {s["id"]: s for s in meta["shards"]}
+
+    site_index = {s["name"]: i for i, s in enumerate(meta["sites"])}
+    layers = [(site_index[s["name"]], model.site(s["name"])) for s in all_sites]
+    device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+
+    def flush(shard: _Shard, sid: int) -> None:
+        files = {k: shard_file(sid, k) for k in KINDS}
+        info = {"id": sid, "first_doc": shard.docs[0], "end_doc": shard.docs[-1] + 1,
+                "tokens": shard.tokens, "files": files}
+        old = done.get(sid)
+        if old is not None:
+            if {k: old[k] for k in ("first_doc", "end_doc", "tokens")} != \
+                    {k: info[k] for k in ("first_doc", "end_doc", "tokens")}:
+                raise CodebookError(f"{path}: shard {sid} holds other documents than these "
+                                    "texts give; pass the same texts or a new folder")
+            return
+        tok = {k: np.concatenate(v) for k, v in shard.tok.items()}
+        _write_parquet(pa.table({
+            "doc": tok["doc"].astype(np.int64), "pos": tok["pos"].astype(np.int32),
+            "token_id": tok["token_id"].astype(np.int32),
+            "token": pa.array(shard.tok_text, pa.string()),
+            "start": tok["start"].astype(np.int32), "end": tok["end"].astype(np.int32)}),
+            path / files["tokens"])
+        c = {k: np.concatenate(v) for k, v in shard.codes.items()}
+        order = np.lexsort((c["pos"], c["doc"], c["code"], c["grp"], c["site"]))
+        _write_parquet(pa.table({
+            "doc": c["doc"][order].astype(np.int64), "pos": c["pos"][order].astype(np.int32),
+            "site": c["site"][order].astype(np.int16), "grp": c["grp"][order].astype(np.int16),
+            "slot": c["slot"][order].astype(np.int16), "code": c["code"][order].astype(np.int32),
+            "score": c["score"][order].astype(np.float32)}), path / files["codes"])
+        _write_parquet(pa.table({"doc": np.asarray(shard.docs, np.int64),
+                                 "text": pa.array(shard.texts, pa.string())}),
+                       path / files["docs"])
+        meta["shards"] = sorted([*meta["shards"], info], key=lambda s: s["id"])
+        done[sid] = info
+        write_json(meta_path, meta)
+
+    shard, sid, doc = _Shard(), 0, 0
+    try:
+        with torch.no_grad():
+            for batch in _text_batches(texts, text_column, batch_size):
+                enc = tokenizer(batch, return_offsets_mapping=True, truncation=True,
+                                max_length=max_length)
+                ids_list = enc["input_ids"]
+                skip = sid in done
+                if not skip:
+                    _run_batch(model, layers, ids_list, device, shard, doc,
+                               tokenizer.pad_token_id)
+                for j, (text, ids) in enumerate(zip(batch, ids_list, strict=True)):
+                    offs = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
+                    n = len(ids)
+                    shard.docs.append(doc + j)
+                    shard.tokens += n
+                    if not skip:
+                        shard.texts.append(text)
+                        shard.tok["doc"].append(np.full(n, doc + j))
+                        shard.tok["pos"].append(np.arange(n))
+                        shard.tok["token_id"].append(np.asarray(ids))
+                        shard.tok["start"].append(offs[:, 0])
+                        shard.tok["end"].append(offs[:, 1])
+                        pieces = tokenizer.convert_ids_to_tokens(ids)
+                        shard.tok_text.extend(
+                            text[s:e] if e > s else piece
+                            for (s, e), piece in zip(offs.tolist(), pieces, strict=True))
+                doc += len(batch)
+                if shard.tokens >= shard_tokens:
+                    flush(shard, sid)
+                    shard, sid = _Shard(), sid + 1
+            if shard.docs:
+                flush(shard, sid)
+                sid += 1
+    finally:
+        model.train(was_training)
+    if doc == 0:
+        raise CodebookError("build_index: no texts; pass at least one")
+    meta["num_docs"] = doc
+    meta["num_tokens"] = sum(s["tokens"] for s in meta["shards"])
+    meta["complete"] = True
+    write_json(meta_path, meta)
+    return path
+
+
+def _run_batch(model: Any, layers: list[tuple[int, Any]], ids_list: list[list[int]],
+               device: torch.device, shard: _Shard, doc0: int, pad_id: int | None) -> None:
+    """Forward one right-padded batch and append its codes to ``shard``."""
+    width = max(len(r) for r in ids_list)
+    ids = torch.full((len(ids_list), width), pad_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(ids_list):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    for site, layer in layers:
+        codes, scores = layer.last_codes, layer.last_scores
+        if codes is None:
+            raise CodebookError(f"build_index: site {layer.config.name} chose no codes in the "
+                                "forward; is it bypassed?")
+        codes = codes.reshape(len(ids_list), width, *codes.shape[-2:]).cpu().numpy()
+        scores = scores.reshape(len(ids_list), width, *scores.shape[-2:]).float().cpu().numpy()
+        g, k = codes.shape[-2:]
+        if scores.shape[-1] != k:  # interventions appended slots: no scores for those
+            pad = np.full((*scores.shape[:-1], k - scores.shape[-1]), np.nan, np.float32)
+            scores = np.concatenate([scores, pad], -1)
+        for i, r in enumerate(ids_list):
+            n = len(r)
+            pos, grp, slot = np.meshgrid(np.arange(n), np.arange(g), np.arange(k),
+                                         indexing="ij")
+            shard.codes["doc"].append(np.full(n * g * k, doc0 + i))
+            shard.codes["pos"].append(pos.reshape(-1))
+            shard.codes["site"].append(np.full(n * g * k, site))
+            shard.codes["grp"].append(grp.reshape(-1))
+            shard.codes["slot"].append(slot.reshape(-1))
+            shard.codes["code"].append(codes[i, :n].reshape(-1))
+            shard.codes["score"].append(scores[i, :n].reshape(-1))

@@ -1,0 +1,398 @@
+"""Queries over a code index (see :mod:`.index`), run by DuckDB on its Parquet files."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CodebookError
+from ..io import read_json
+from .index import FORMAT, META_NAME, check_model
+
+
+@dataclass(frozen=True)
+class Context:
+    """One occurrence of a code: the token and the text around it."""
+
+    doc: int
+    position: int
+    before: str
+    token: str
+    after: str
+    score: float
+
+
+@dataclass(frozen=True)
+class CodeStats:
+    """How often a code fires and on which tokens."""
+
+    count: int
+    """Token positions where the code is among the chosen codes (of its group)."""
+    frequency: float
+    """``count`` over all indexed tokens."""
+    tokens: list[tuple[str, int]]
+    """Most common tokens it fires on: (token text, count), most common first."""
+    next_tokens: list[tuple[str, int]]
+    """Most common tokens right after the ones it fires on (same document)."""
+
+
+@dataclass(frozen=True)
+class CodeMatch:
+    """A code's precision and recall on the token positions a regex matches."""
+
+    group: int
+    code: int
+    precision: float
+    recall: float
+    fired: int
+    """Token positions where the code fires."""
+    hits: int
+    """Of those, positions that overlap a match."""
+    neuron_precision: float | None = None
+    """Best neuron's precision when thresholded to at least the same recall (if given)."""
+
+
+class CodeIndex:
+    """A code index opened for queries: ``CodeIndex.open(path, model=None)``."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], model: Any = None) -> None:
+        import duckdb
+
+        self.path = path
+        self.meta = meta
+        self.model = model
+        self.sites: list[str] = [s["name"] for s in meta["sites"]]
+        self.con = duckdb.connect()
+        for kind in ("tokens", "codes", "docs"):
+            files = ", ".join("'" + str(path / s["files"][kind]).replace("'", "''") + "'"
+                              for s in meta["shards"])
+            self.con.execute(f"CREATE VIEW {kind} AS SELECT * FROM read_parquet([{files}])")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, model: Any = None) -> CodeIndex:
+        """Open the index at ``path``; with ``model``, check it is the model it was built with.
+
+        A folder without ``meta.json``, or with an index still being built (or interrupted),
+        is refused with a CodebookError.
+        """
+        path = Path(path)
+        meta_path = path / META_NAME
+        if not meta_path.is_file():
+            raise CodebookError(f"{path}: no code index there ({META_NAME} missing); build "
+                                "one with build_index")
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CodebookError(f"{meta_path}: not a code index meta file; build the index "
+                                "with build_index")
+        if not meta.get("complete"):
+            raise CodebookError(f"{path}: the code index is incomplete ({len(meta['shards'])} "
+                                "shard(s) done); rerun build_index with the same arguments "
+                                "to finish it")
+        missing = [f for s in meta["shards"] for f in s["files"].values()
+                   if not (path / f).is_file()]
+        if missing:
+            raise CodebookError(f"{path}: shard file {missing[0]} is missing; rerun "
+                                "build_index with the same arguments to rewrite it")
+        if model is not None:
+            check_model(meta, model, path)
+        return cls(path, meta, model)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> CodeIndex:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.meta["num_docs"])
+
+    def _site(self, site: str) -> tuple[int, dict[str, Any]]:
+        if site not in self.sites:
+            raise CodebookError(f"unknown site {site!r}; the index has sites "
+                                f"{', '.join(self.sites)}")
+        i = self.sites.index(site)
+        return i, self.meta["sites"][i]
+
+    def _code(self, site: str, code: int, group: int) -> int:
+        i, info = self._site(site)
+        if not 0 <= int(group) < info["groups"]:
+            raise CodebookError(f"group {group} out of range for site {site} "
+                                f"({info['groups']} group(s)); pick 0..{info['groups'] - 1}")
+        if not 0 <= int(code) < info["num_codes"]:
+            raise CodebookError(f"code {code} out of range for site {site} "
+                                f"({info['num_codes']} codes); pick 0..{info['num_codes'] - 1}")
+        return i
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
+        return self.con.execute(sql, params or []).fetchall()
+
+    def _doc_texts(self, docs: list[int]) -> dict[int, str]:
+        if not docs:
+            return {}
+        return dict(self._rows("SELECT doc, text FROM docs WHERE doc IN "
+                               "(SELECT unnest(?::BIGINT[]))", [sorted(set(docs))]))
+
+    # ----------------------------------------------------------------- queries
+    def top_contexts(self, site: str, code: int, group: int = 0, n: int = 20,
+                     window: int = 10) -> list[Context]:
+        """The ``n`` occurrences of ``code`` with the highest similarity score (ties: first
+        document and position first), each with the text of up to ``window`` tokens before
+        and after the token (sliced from the document by character offsets)."""
+        s = self._code(site, code, group)
+        hits = self._rows(
+            "SELECT c.doc, c.pos, c.score, t.start, t.\"end\", t.token, "
+            " (SELECT min(start) FROM tokens b WHERE b.doc = c.doc AND b.pos >= c.pos - ? "
+            "  AND b.pos < c.pos), "
+            " (SELECT max(\"end\") FROM tokens a WHERE a.doc = c.doc AND a.pos > c.pos "
+            "  AND a.pos <= c.pos + ?) "
+            "FROM codes c JOIN tokens t ON t.doc = c.doc AND t.pos = c.pos "
+            "WHERE c.site = ? AND c.grp = ? AND c.code = ? "
+            "ORDER BY c.score DESC NULLS LAST, c.doc, c.pos LIMIT ?",
+            [int(window), int(window), s, int(group), int(code), int(n)])
+        texts = self._doc_texts([h[0] for h in hits])
+        out = []
+        for doc, pos, score, start, end, token, ws, we in hits:
+            text = texts[doc]
+            before = text[min(ws, start):start] if ws is not None else ""
+            after = text[end:max(we, end)] if we is not None else ""
+            out.append(Context(int(doc), int(pos), before, token, after,
+                               float("nan") if score is None else float(score)))
+        return out
+
+    def code_stats(self, site: str, code: int, group: int = 0, top: int = 10) -> CodeStats:
+        """Frequency of ``code`` and the ``top`` most common tokens it fires on and after it
+        (ties broken by token id)."""
+        s = self._code(site, code, group)
+        where = "c.site = ? AND c.grp = ? AND c.code = ?"
+        p = [s, int(group), int(code)]
+        count = self._rows(f"SELECT count(*) FROM codes c WHERE {where}", p)[0][0]
+        toks = self._rows(
+            f"SELECT min(t.token), count(*) AS n, t.token_id FROM codes c JOIN tokens t "
+            f"ON t.doc = c.doc AND t.pos = c.pos WHERE {where} GROUP BY t.token_id "
+            "ORDER BY n DESC, t.token_id LIMIT ?", [*p, int(top)])
+        nxt = self._rows(
+            f"SELECT min(t.token), count(*) AS n, t.token_id FROM codes c JOIN tokens t "
+            f"ON t.doc = c.doc AND t.pos = c.pos + 1 WHERE {where} GROUP BY t.token_id "
+            "ORDER BY n DESC, t.token_id LIMIT ?", [*p, int(top)])
+        return CodeStats(int(count), count / max(self.num_tokens, 1),
+                         [(r[0], int(r[1])) for r in toks], [(r[0], int(r[1])) for r in nxt])
+
+    def codes_at(self, doc: int, position: int) -> dict[str, list[list[int]]]:
+        """Codes at token ``position`` of document ``doc``: site -> per group, the k codes in
+        slot order."""
+        shard = next((s for s in self.meta["shards"]
+                      if s["first_doc"] <= int(doc) < s["end_doc"]), None)
+        if shard is None:
+            raise CodebookError(f"document {doc} is not in the index (0..{self.num_docs - 1})")
+        f = str(self.path / shard["files"]["codes"]).replace("'", "''")
+        rows = self._rows(f"SELECT site, grp, code FROM read_parquet('{f}') WHERE doc = ? "
+                          "AND pos = ? ORDER BY site, grp, slot", [int(doc), int(position)])
+        if not rows:
+            raise CodebookError(f"position {position} is not in document {doc}; pick one "
+                                "below the document's token count")
+        out: dict[str, list[list[int]]] = {}
+        for i, info in enumerate(self.meta["sites"]):
+            out[info["name"]] = [[] for _ in range(info["groups"])]
+            for site, grp, code in rows:
+                if site == i:
+                    out[info["name"]][grp].append(int(code))
+        return out
+
+    def tokens(self) -> Any:
+        """All tokens as a pyarrow Table ordered by (doc, pos): the row order that neuron
+        activations passed to :meth:`regex_search` must follow."""
+        rel = self.con.sql("SELECT * FROM tokens ORDER BY doc, pos")
+        return (getattr(rel, "to_arrow_table", None) or rel.arrow)()  # duckdb 2 / 1
+
+    def regex_positions(self, pattern: str | re.Pattern[str]) -> Any:
+        """Token positions (pyarrow Table ``doc, pos``) whose characters overlap a match.
+
+        Matches are ``re.finditer(pattern, text)`` over each document's text; empty matches
+        are ignored. Token ``[start, end)`` overlaps match ``[ms, me)`` when
+        ``start < me and ms < end``; tokens with no characters (e.g. BOS) never match.
+        """
+        import pyarrow as pa
+
+        rx = _compile(pattern)
+        docs_out: list[np.ndarray] = []
+        pos_out: list[np.ndarray] = []
+        for shard in self.meta["shards"]:
+            f = {k: str(self.path / v).replace("'", "''") for k, v in shard["files"].items()}
+            texts = dict(self._rows(f"SELECT doc, text FROM read_parquet('{f['docs']}')"))
+            spans: dict[int, np.ndarray] = {}
+            for d, text in texts.items():
+                m = [(a.start(), a.end()) for a in rx.finditer(text) if a.end() > a.start()]
+                if m:
+                    spans[d] = np.asarray(m, dtype=np.int64)
+            if not spans:
+                continue
+            tok = self.con.execute(f"SELECT doc, pos, start, \"end\" FROM read_parquet("
+                                   f"'{f['tokens']}') ORDER BY doc, pos").fetchnumpy()
+            doc_arr = np.asarray(tok["doc"])
+            bounds = np.searchsorted(doc_arr, list(spans), side="left")
+            ends = np.searchsorted(doc_arr, list(spans), side="right")
+            for (d, sp), lo, hi in zip(spans.items(), bounds, ends, strict=True):
+                st = np.asarray(tok["start"][lo:hi])
+                en = np.asarray(tok["end"][lo:hi])
+                # First match ending after the token's start; it overlaps if it starts
+                # before the token's end (matches are sorted and disjoint).
+                j = np.searchsorted(sp[:, 1], st, side="right")
+                ok = (j < len(sp)) & (en > st)
+                jj = np.minimum(j, len(sp) - 1)
+                ok &= sp[jj, 0] < en
+                docs_out.append(np.full(int(ok.sum()), d, dtype=np.int64))
+                pos_out.append(np.asarray(tok["pos"][lo:hi])[ok].astype(np.int32))
+        docs = np.concatenate(docs_out) if docs_out else np.zeros(0, np.int64)
+        pos = np.concatenate(pos_out) if pos_out else np.zeros(0, np.int32)
+        return pa.table({"doc": docs, "pos": pos})
+
+    def regex_search(self, pattern: str | re.Pattern[str], site: str, n: int | None = None,
+                     min_hits: int = 1, neurons: Any = None) -> list[CodeMatch]:
+        """Codes of ``site`` scored against a regex over the text.
+
+        Positives P: token positions overlapping a match (see :meth:`regex_positions`). For a
+        code (group, code), F: positions where it is among the chosen codes. precision =
+        |F ∩ P| / |F|, recall = |F ∩ P| / |P|. Codes with at least ``min_hits`` hits are
+        returned sorted by precision, then recall (descending), then group and code; the first
+        ``n`` if given. ``neurons``: optional activations of shape (num_tokens, num_neurons)
+        in :meth:`tokens` order; then each match also gets the best neuron's precision when
+        the neuron is thresholded to fire on the fewest top-activation tokens that reach the
+        code's recall (ties in activation are broken by token order).
+        """
+        s, _ = self._site(site)
+        pos_table = self.regex_positions(pattern)
+        total = pos_table.num_rows
+        if total == 0:
+            return []
+        self.con.register("regex_pos", pos_table)
+        try:
+            rows = self._rows(
+                "SELECT c.grp, c.code, count(*) AS fired, count(p.doc) AS hits "
+                "FROM codes c LEFT JOIN regex_pos p ON p.doc = c.doc AND p.pos = c.pos "
+                "WHERE c.site = ? GROUP BY c.grp, c.code HAVING count(p.doc) >= ?",
+                [s, max(int(min_hits), 1)])
+        finally:
+            self.con.unregister("regex_pos")
+        matches = [CodeMatch(int(g), int(c), h / f, h / total, int(f), int(h))
+                   for g, c, f, h in rows]
+        matches.sort(key=lambda m: (-m.precision, -m.recall, m.group, m.code))
+        if n is not None:
+            matches = matches[:n]
+        if neurons is not None and matches:
+            mask = self._positive_mask(pos_table)
+            best = best_neuron_precision(neurons, mask, [m.recall for m in matches])
+            matches = [CodeMatch(m.group, m.code, m.precision, m.recall, m.fired, m.hits, b)
+                       for m, b in zip(matches, best, strict=True)]
+        return matches
+
+    def _positive_mask(self, pos_table: Any) -> np.ndarray:
+        self.con.register("regex_pos", pos_table)
+        try:
+            out = self.con.execute(
+                "SELECT p.doc IS NOT NULL AS hit FROM tokens t LEFT JOIN regex_pos p "
+                "ON p.doc = t.doc AND p.pos = t.pos ORDER BY t.doc, t.pos").fetchnumpy()
+        finally:
+            self.con.unregister("regex_pos")
+        return np.asarray(out["hit"], dtype=bool)
+
+    def topic_codes(self, site: str, min_share: float = 0.5, group: int | None = None
+                    ) -> dict[int, list[tuple[int, int, float]]]:
+        """Per document, the codes of ``site`` (all groups, or ``group``) that fire on at least
+        ``min_share`` of its tokens (all tokens, BOS included): doc -> [(group, code, share)],
+        highest share first. Documents with no such code are left out."""
+        s, info = self._site(site)
+        if not 0.0 < float(min_share) <= 1.0:
+            raise CodebookError(f"topic_codes(min_share={min_share}): must be in (0, 1]")
+        extra, p = "", [s]
+        if group is not None:
+            if not 0 <= int(group) < info["groups"]:
+                raise CodebookError(f"group {group} out of range for site {site} "
+                                    f"({info['groups']} group(s))")
+            extra, p = " AND grp = ?", [s, int(group)]
+        rows = self._rows(
+            "WITH n AS (SELECT doc, count(*) AS ntok FROM tokens GROUP BY doc), "
+            f"c AS (SELECT doc, grp, code, count(*) AS cnt FROM codes WHERE site = ?{extra} "
+            "GROUP BY doc, grp, code) "
+            "SELECT c.doc, c.grp, c.code, c.cnt / n.ntok AS share FROM c JOIN n USING (doc) "
+            "WHERE c.cnt / n.ntok >= ? ORDER BY c.doc, share DESC, c.grp, c.code",
+            [*p, float(min_share)])
+        out: dict[int, list[tuple[int, int, float]]] = {}
+        for doc, g, c, share in rows:
+            out.setdefault(int(doc), []).append((int(g), int(c), float(share)))
+        return out
+
+    def similar_codes(self, site: str, code: int, group: int = 0, n: int = 10,
+                      model: Any = None) -> list[tuple[int, float]]:
+        """The ``n`` codes of the same codebook group nearest to ``code`` by cosine similarity
+        of their vectors: [(code, similarity)], most similar first, the code itself left out.
+        ``model``: the CodebookModel or the site's CodebookLayer (default: the model given
+        to :meth:`open`)."""
+        self._code(site, code, group)
+        info = self._site(site)[1]
+        model = model if model is not None else self.model
+        if model is None:
+            raise CodebookError("similar_codes needs the codebook: pass model= (the "
+                                "CodebookModel or the site's CodebookLayer) here or to open")
+        layer = model.site(site) if hasattr(model, "site") else model
+        book = getattr(layer, "codebook", None)
+        if not isinstance(book, torch.Tensor) or tuple(book.shape[:2]) != (info["groups"],
+                                                                          info["num_codes"]):
+            raise CodebookError(f"similar_codes: the layer given does not hold site {site}'s "
+                                f"codebook ({info['groups']} groups x {info['num_codes']} "
+                                "codes); pass the matching model or layer")
+        vecs = torch.nn.functional.normalize(book[int(group)].detach().float(), dim=-1)
+        sims = vecs @ vecs[int(code)]
+        sims[int(code)] = -float("inf")
+        k = min(int(n), sims.numel() - 1)
+        vals, idx = torch.topk(sims, k)
+        return [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
+
+
+def _compile(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise CodebookError(f"regex {pattern!r} does not compile: {e}; fix the pattern") \
+            from None
+
+
+def best_neuron_precision(acts: Any, positive: np.ndarray, recalls: list[float]
+                          ) -> list[float]:
+    """For each recall r, the best precision over neurons, each neuron firing on its top-m
+    tokens by activation with m the smallest count reaching recall >= r.
+
+    ``acts``: (num_tokens, num_neurons); ``positive``: bool (num_tokens,).
+    """
+    a = acts.detach().float().cpu().numpy() if isinstance(acts, torch.Tensor) else \
+        np.asarray(acts, dtype=np.float32)
+    if a.ndim != 2 or a.shape[0] != positive.shape[0]:
+        raise CodebookError(f"neurons of shape {a.shape} do not match the index: need "
+                            f"(num_tokens={positive.shape[0]}, num_neurons)")
+    total = int(positive.sum())
+    if total == 0:
+        return [0.0 for _ in recalls]
+    order = np.argsort(-a, axis=0, kind="stable")
+    cum = np.cumsum(positive[order], axis=0)  # (T, N): hits among the top m+1
+    best = []
+    for r in recalls:
+        need = max(int(np.ceil(r * total - 1e-9)), 1)
+        m = np.argmax(cum >= need, axis=0)  # first index reaching it (always reached)
+        best.append(float((need / (m + 1)).max()))
+    return best

@@ -1,0 +1,336 @@
+"""Code index and its queries, checked against naive loops over the model's own codes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers as T
+
+from codebook_features.analysis import CodeIndex, best_neuron_precision, build_index
+from codebook_features.analysis.index import META_NAME, shard_file
+from codebook_features.data.stories import (
+    generate_stories,
+    tiny_story_model_config,
+    train_story_tokenizer,
+)
+from codebook_features.errors import CodebookError
+from codebook_features.io import read_json, write_json
+from codebook_features.model import CodebookModel
+
+NUM_DOCS = 50
+SITE = "layers.1.mlp_out"
+HEADS = "layers.0.attn_heads"
+PATTERN = r"dragon\w*|flowers?"
+
+
+def _model(tok, num_codes: int = 64, seed: int = 0) -> CodebookModel:
+    torch.manual_seed(seed)
+    cfg = tiny_story_model_config(tok, hidden_size=32, num_layers=2, num_heads=4)
+    base = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    return CodebookModel(base, placements=["attn_heads", "mlp_out"], num_codes=num_codes, k=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
+    stories = generate_stories(num_stories=200, seed=0)
+    tok = train_story_tokenizer(stories, vocab_size=400)
+    model = _model(tok)
+    texts = [s["text"] for s in stories[:NUM_DOCS]]
+    path = tmp_path_factory.mktemp("index") / "idx"
+    build_index(model, tok, texts, path, shard_tokens=1000, batch_size=4)
+    # Reference: one forward per document, read straight from the layers.
+    ref = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tok(text, return_offsets_mapping=True)
+            model(input_ids=torch.tensor([enc["input_ids"]]))
+            pieces = tok.convert_ids_to_tokens(enc["input_ids"])
+            toks = [(i, text[s:e] if e > s else p, s, e)
+                    for i, (s, e), p in zip(enc["input_ids"], enc["offset_mapping"], pieces,
+                                            strict=True)]
+            ref.append({"text": text, "tokens": toks,
+                        "codes": {n: l.last_codes[0].tolist() for n, l in model.sites.items()},
+                        "scores": {n: l.last_scores[0].tolist() for n, l in model.sites.items()}})
+    index = CodeIndex.open(path, model=model)
+    yield {"tok": tok, "model": model, "texts": texts, "path": path, "ref": ref, "index": index}
+    index.close()
+    torch.set_num_threads(threads)
+
+
+def _occurrences(ref, site, group, code):
+    """(score, doc, pos) of every firing of a code, from the reference forwards."""
+    out = []
+    for d, r in enumerate(ref):
+        for p, groups in enumerate(r["codes"][site]):
+            for slot, c in enumerate(groups[group]):
+                if c == code:
+                    out.append((r["scores"][site][p][group][slot], d, p))
+    return out
+
+
+def _frequent_codes(ref, site, group=0, count=3):
+    c = Counter(code for r in ref for g in r["codes"][site] for code in g[group])
+    return [code for code, _ in c.most_common()][:count] + [min(c, key=lambda x: (c[x], x))]
+
+
+def test_layout_and_stored_codes(setup):
+    path, ref, index = setup["path"], setup["ref"], setup["index"]
+    meta = read_json(path / META_NAME)
+    assert meta["complete"] and len(meta["shards"]) >= 4
+    assert meta["num_docs"] == NUM_DOCS
+    assert meta["num_tokens"] == sum(len(r["tokens"]) for r in ref)
+    assert [s["name"] for s in meta["sites"]] == setup["model"].site_names
+    assert meta["sites"][0] == {"name": HEADS, "groups": 4, "k": 2, "num_codes": 64}
+    assert meta["base_model"] == setup["model"].base_info()
+    ends = [0] + [s["end_doc"] for s in meta["shards"]]
+    assert [s["first_doc"] for s in meta["shards"]] == ends[:-1] and ends[-1] == NUM_DOCS
+    assert all(s["tokens"] >= 1000 for s in meta["shards"][:-1])  # whole docs, closed at 1000
+    # Every stored code equals the per-document forward's (batching and padding change none).
+    rows = []
+    for s in meta["shards"]:
+        rows.extend(pq.read_table(path / s["files"]["codes"]).to_pylist())
+    sites = index.sites
+    assert len(rows) == sum(len(r["tokens"]) * (4 * 2 + 4 * 2 + 2 + 2) for r in ref)
+    for row in rows:
+        site = sites[row["site"]]
+        r = ref[row["doc"]]
+        assert r["codes"][site][row["pos"]][row["grp"]][row["slot"]] == row["code"]
+        assert row["score"] == pytest.approx(
+            r["scores"][site][row["pos"]][row["grp"]][row["slot"]], abs=1e-5)
+    table = index.tokens()
+    assert table.num_rows == meta["num_tokens"]
+    assert table.column("token").to_pylist() == [t[1] for r in ref for t in r["tokens"]]
+    toks = pq.read_table(path / shard_file(0, "tokens")).to_pylist()
+    first = ref[0]["tokens"]
+    assert [(t["token_id"], t["token"], t["start"], t["end"]) for t in toks[:len(first)]] \
+        == first
+
+
+def test_codes_at(setup):
+    ref, index = setup["ref"], setup["index"]
+    for d in (0, 7, NUM_DOCS - 1):
+        for p in (0, 3, len(ref[d]["tokens"]) - 1):
+            got = index.codes_at(d, p)
+            assert got == {site: ref[d]["codes"][site][p] for site in index.sites}
+    with pytest.raises(CodebookError, match="not in the index"):
+        index.codes_at(NUM_DOCS, 0)
+    with pytest.raises(CodebookError, match="position"):
+        index.codes_at(0, 10_000)
+
+
+def test_top_contexts(setup):
+    ref, index = setup["ref"], setup["index"]
+    for site, group in ((SITE, 0), (HEADS, 2)):
+        for code in _frequent_codes(ref, site, group):
+            occ = _occurrences(ref, site, group, code)
+            got = index.top_contexts(site, code, group=group, n=5, window=3)
+            assert len(got) == min(5, len(occ))
+            scores = [c.score for c in got]
+            assert scores == sorted(scores, reverse=True)
+            kept = {(c.doc, c.position) for c in got}
+            rest = [s for s, d, p in occ if (d, p) not in kept]
+            assert not rest or max(rest) <= min(scores) + 1e-5
+            for c in got:
+                r = ref[c.doc]
+                toks = r["tokens"]
+                _, token, start, end = toks[c.position]
+                before = [t for t in toks[max(c.position - 3, 0):c.position]]
+                after = toks[c.position + 1:c.position + 4]
+                assert (c.doc, c.position) in {(d, p) for _, d, p in occ}
+                assert c.token == token
+                assert c.before == (r["text"][min([t[2] for t in before] + [start]):start])
+                assert c.after == (r["text"][end:max([t[3] for t in after] + [end])])
+
+
+def test_code_stats(setup):
+    ref, index = setup["ref"], setup["index"]
+    total = sum(len(r["tokens"]) for r in ref)
+    for code in _frequent_codes(ref, SITE):
+        on, nxt = Counter(), Counter()
+        names = {}
+        for _, d, p in _occurrences(ref, SITE, 0, code):
+            toks = ref[d]["tokens"]
+            on[toks[p][0]] += 1
+            names[toks[p][0]] = toks[p][1]
+            if p + 1 < len(toks):
+                nxt[toks[p + 1][0]] += 1
+                names[toks[p + 1][0]] = toks[p + 1][1]
+        count = sum(on.values())
+        st = index.code_stats(SITE, code, top=5)
+        assert st.count == count and st.frequency == pytest.approx(count / total)
+        best = sorted(on.items(), key=lambda x: (-x[1], x[0]))[:5]
+        assert st.tokens == [(names[t], n) for t, n in best]
+        best = sorted(nxt.items(), key=lambda x: (-x[1], x[0]))[:5]
+        assert st.next_tokens == [(names[t], n) for t, n in best]
+
+
+def _naive_positives(ref, pattern):
+    pos = set()
+    for d, r in enumerate(ref):
+        spans = [m.span() for m in re.finditer(pattern, r["text"]) if m.end() > m.start()]
+        for p, (_, _, s, e) in enumerate(r["tokens"]):
+            if any(s < me and ms < e for ms, me in spans):
+                pos.add((d, p))
+    return pos
+
+
+def test_regex_search(setup):
+    ref, index = setup["ref"], setup["index"]
+    positives = _naive_positives(ref, PATTERN)
+    assert len(positives) > 10
+    fired, hits = Counter(), Counter()
+    for d, r in enumerate(ref):
+        for p, groups in enumerate(r["codes"][SITE]):
+            for g, codes in enumerate(groups):
+                for c in codes:
+                    fired[g, c] += 1
+                    hits[g, c] += (d, p) in positives
+    want = sorted(((hits[gc] / fired[gc], hits[gc] / len(positives), gc[0], gc[1])
+                   for gc in fired if hits[gc]), key=lambda x: (-x[0], -x[1], x[2], x[3]))
+    got = index.regex_search(PATTERN, SITE)
+    assert [(m.group, m.code) for m in got] == [(w[2], w[3]) for w in want]
+    for m, w in zip(got, want, strict=True):
+        assert m.precision == pytest.approx(w[0]) and m.recall == pytest.approx(w[1])
+        assert (m.fired, m.hits) == (fired[m.group, m.code], hits[m.group, m.code])
+    assert [(m.group, m.code) for m in index.regex_search(PATTERN, SITE, n=2)] == \
+        [(w[2], w[3]) for w in want[:2]]
+    assert index.regex_search(r"zzzqqq", SITE) == []
+
+    # Best neuron at the same recall, against a brute force over thresholds.
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(index.num_tokens, 4, generator=g)
+    acts[:, 0] += 3.0 * torch.tensor(  # neuron 0 leans to the positives
+        [float((d, p) in positives) for d, r in enumerate(ref) for p in range(len(r["tokens"]))])
+    top = index.regex_search(PATTERN, SITE, n=3, neurons=acts)
+    mask = np.array([(d, p) in positives for d, r in enumerate(ref)
+                     for p in range(len(r["tokens"]))])
+    for m in top:
+        best = 0.0
+        for j in range(acts.shape[1]):
+            order = sorted(range(len(mask)), key=lambda i: -float(acts[i, j]))
+            h = 0
+            for cnt, i in enumerate(order, 1):
+                h += mask[i]
+                if h / mask.sum() >= m.recall - 1e-12:
+                    best = max(best, h / cnt)
+                    break
+        assert m.neuron_precision == pytest.approx(best)
+    assert best_neuron_precision(acts.numpy(), mask, [1.0])[0] > 0
+    with pytest.raises(CodebookError, match="neurons of shape"):
+        index.regex_search(PATTERN, SITE, neurons=acts[:10])
+
+
+def test_topic_codes(setup):
+    ref, index = setup["ref"], setup["index"]
+    for share in (0.1, 0.3):
+        want = {}
+        for d, r in enumerate(ref):
+            c = Counter((g, code) for groups in r["codes"][SITE]
+                        for g, codes in enumerate(groups) for code in codes)
+            n = len(r["tokens"])
+            rows = sorted(((g, code, cnt / n) for (g, code), cnt in c.items()
+                           if cnt / n >= share), key=lambda x: (-x[2], x[0], x[1]))
+            if rows:
+                want[d] = rows
+        got = index.topic_codes(SITE, min_share=share)
+        assert got.keys() == want.keys()
+        for d in want:
+            assert [(g, c) for g, c, _ in got[d]] == [(g, c) for g, c, _ in want[d]]
+            assert [s for *_, s in got[d]] == pytest.approx([s for *_, s in want[d]])
+    assert index.topic_codes(SITE, 0.1)  # the tiny model has codes that cover a document
+    got = index.topic_codes(HEADS, 0.05, group=1)
+    assert got and all(g == 1 for rows in got.values() for g, _, _ in rows)
+
+
+def test_similar_codes(setup):
+    model, index = setup["model"], setup["index"]
+    book = model.site(HEADS).codebook.detach()[1]
+    sims = [(float(torch.nn.functional.cosine_similarity(book[5], book[j], dim=0)), j)
+            for j in range(book.shape[0]) if j != 5]
+    want = sorted(sims, key=lambda x: -x[0])[:4]
+    got = index.similar_codes(HEADS, 5, group=1, n=4)
+    assert [c for c, _ in got] == [j for _, j in want]
+    assert [s for _, s in got] == pytest.approx([s for s, _ in want], abs=1e-5)
+    assert index.similar_codes(HEADS, 5, group=1, n=4, model=model.site(HEADS)) == got
+    with pytest.raises(CodebookError, match="does not hold"):
+        index.similar_codes(HEADS, 5, model=model.site(SITE))
+
+
+def test_resume_after_lost_shard(setup, tmp_path):
+    src, tok, model, texts = setup["path"], setup["tok"], setup["model"], setup["texts"]
+    path = tmp_path / "idx"
+    shutil.copytree(src, path)
+    meta = read_json(path / META_NAME)
+    lost = meta["shards"][2]
+    meta["shards"] = [s for s in meta["shards"] if s["id"] != 2]
+    meta["complete"] = False
+    write_json(path / META_NAME, meta)
+    (path / lost["files"]["codes"]).write_bytes(b"half-written")  # an interrupted write
+    with pytest.raises(CodebookError, match="incomplete"):
+        CodeIndex.open(path)
+    kept = {f: (path / f).stat().st_mtime_ns for s in meta["shards"] for f in s["files"].values()}
+    build_index(model, tok, texts, path, shard_tokens=1000, batch_size=4)
+    assert read_json(path / META_NAME) == read_json(src / META_NAME)
+    assert {f: (path / f).stat().st_mtime_ns for f in kept} == kept  # skipped, not rewritten
+    with CodeIndex.open(path, model=model) as again:
+        d = lost["first_doc"]
+        assert again.codes_at(d, 1) == setup["index"].codes_at(d, 1)
+        assert again.regex_search(PATTERN, SITE) == setup["index"].regex_search(PATTERN, SITE)
+    with pytest.raises(CodebookError, match="another model, tokenizer or settings"):
+        build_index(model, tok, texts, path, shard_tokens=500, batch_size=4)
+
+
+def test_dataset_input(setup, tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"story": setup["texts"][:6]})
+    with pytest.raises(CodebookError, match="no column 'text'"):
+        build_index(setup["model"], setup["tok"], ds, tmp_path / "a")
+    build_index(setup["model"], setup["tok"], ds, tmp_path / "b", text_column="story",
+                batch_size=3)
+    with CodeIndex.open(tmp_path / "b") as ix:
+        assert ix.num_docs == 6 and len(ix.meta["shards"]) == 1
+        assert ix.codes_at(5, 4) == setup["index"].codes_at(5, 4)
+
+
+def test_errors(setup, tmp_path):
+    index, tok = setup["index"], setup["tok"]
+    with pytest.raises(CodebookError, match=r"regex '\(dragon' does not compile"):
+        index.regex_search("(dragon", SITE)
+    with pytest.raises(CodebookError, match="unknown site 'layers.9.mlp_out'"):
+        index.regex_search("dragon", "layers.9.mlp_out")
+    with pytest.raises(CodebookError, match="unknown site"):
+        index.top_contexts("nope", 1)
+    with pytest.raises(CodebookError, match="code 64 out of range"):
+        index.code_stats(SITE, 64)
+    with pytest.raises(CodebookError, match="group 1 out of range"):
+        index.top_contexts(SITE, 1, group=1)
+    with pytest.raises(CodebookError, match="min_share"):
+        index.topic_codes(SITE, 0.0)
+    with pytest.raises(CodebookError, match="meta.json missing"):
+        CodeIndex.open(tmp_path / "nothing")
+    with pytest.raises(CodebookError, match="num_codes"):
+        CodeIndex.open(setup["path"], model=_model(tok, num_codes=32))
+    torch.manual_seed(0)
+    wide = T.AutoModelForCausalLM.from_config(
+        tiny_story_model_config(tok, hidden_size=48, num_layers=2, num_heads=4))
+    with pytest.raises(CodebookError, match="hidden_size 32, this model has 48"):
+        CodeIndex.open(setup["path"], model=CodebookModel(wide, placements=["attn_heads",
+                                                                            "mlp_out"]))
+    other = CodebookModel(_model(tok).remove_hooks(), placements=["mlp_out"], num_codes=64, k=2)
+    with pytest.raises(CodebookError, match="lacks"):
+        CodeIndex.open(setup["path"], model=other)
+    with pytest.raises(CodebookError, match="similar_codes needs the codebook"):
+        CodeIndex.open(setup["path"]).similar_codes(SITE, 1)
+    with pytest.raises(CodebookError, match="fast tokenizer"):
+        build_index(setup["model"], object(), ["x"], tmp_path / "c")
+    with pytest.raises(CodebookError, match="list of strings"):
+        build_index(setup["model"], tok, "just one string", tmp_path / "d")
