@@ -284,6 +284,12 @@ def test_resume_after_lost_shard(setup, tmp_path):
         d = lost["first_doc"]
         assert again.codes_at(d, 1) == setup["index"].codes_at(d, 1)
         assert again.regex_search(PATTERN, SITE) == setup["index"].regex_search(PATTERN, SITE)
+    (path / shard_file(1, "docs")).unlink()  # a listed shard lost a file: rewritten
+    with pytest.raises(CodebookError, match="shard file shard-00001.docs.parquet is missing"):
+        CodeIndex.open(path)
+    build_index(model, tok, texts, path, shard_tokens=1000, batch_size=4)
+    with CodeIndex.open(path) as again:
+        assert again.top_contexts(SITE, 3) == setup["index"].top_contexts(SITE, 3)
     with pytest.raises(CodebookError, match="another model, tokenizer or settings"):
         build_index(model, tok, texts, path, shard_tokens=500, batch_size=4)
 
@@ -313,6 +319,8 @@ def test_errors(setup, tmp_path):
         index.code_stats(SITE, 64)
     with pytest.raises(CodebookError, match="group 1 out of range"):
         index.top_contexts(SITE, 1, group=1)
+    with pytest.raises(CodebookError, match="window >= 0"):
+        index.top_contexts(SITE, 1, window=-1)
     with pytest.raises(CodebookError, match="min_share"):
         index.topic_codes(SITE, 0.0)
     with pytest.raises(CodebookError, match="meta.json missing"):

@@ -207,11 +207,12 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
             path / files["tokens"])
         c = {k: np.concatenate(v) for k, v in shard.codes.items()}
         order = np.lexsort((c["pos"], c["doc"], c["code"], c["grp"], c["site"]))
+        score = c["score"][order].astype(np.float32)  # NaN (slots added by interventions): null
         _write_parquet(pa.table({
             "doc": c["doc"][order].astype(np.int64), "pos": c["pos"][order].astype(np.int32),
             "site": c["site"][order].astype(np.int16), "grp": c["grp"][order].astype(np.int16),
             "slot": c["slot"][order].astype(np.int16), "code": c["code"][order].astype(np.int32),
-            "score": c["score"][order].astype(np.float32)}), path / files["codes"])
+            "score": pa.array(score, mask=np.isnan(score))}), path / files["codes"])
         _write_parquet(pa.table({"doc": np.asarray(shard.docs, np.int64),
                                  "text": pa.array(shard.texts, pa.string())}),
                        path / files["docs"])

@@ -154,6 +154,9 @@ class CodeIndex:
         document and position first), each with the text of up to ``window`` tokens before
         and after the token (sliced from the document by character offsets)."""
         s = self._code(site, code, group)
+        if int(n) < 1 or int(window) < 0:
+            raise CodebookError(f"top_contexts(n={n}, window={window}): need n >= 1 and "
+                                "window >= 0")
         hits = self._rows(
             "SELECT c.doc, c.pos, c.score, t.start, t.\"end\", t.token, "
             " (SELECT min(start) FROM tokens b WHERE b.doc = c.doc AND b.pos >= c.pos - ? "
@@ -344,6 +347,8 @@ class CodeIndex:
         to :meth:`open`)."""
         self._code(site, code, group)
         info = self._site(site)[1]
+        if int(n) < 1:
+            raise CodebookError(f"similar_codes(n={n}): need n >= 1")
         model = model if model is not None else self.model
         if model is None:
             raise CodebookError("similar_codes needs the codebook: pass model= (the "
