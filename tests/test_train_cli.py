@@ -116,3 +116,54 @@ def test_config_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(CodebookError, match="model is required"):
         load_config(CONFIG)
+
+
+def _train_proc(d: Path, corpus: Path, out: Path) -> subprocess.Popen:
+    args = overrides(d, corpus, f"training.output_dir={out}", "training.max_steps=40",
+                     "training.save_steps=5", "training.logging_steps=5")
+    return subprocess.Popen([sys.executable, "-m", "codebook_features", "train", str(CONFIG),
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_then_resume_gives_the_same_codebooks(workload, tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from codebook_features.training import last_complete_checkpoint
+
+    d, corpus = workload
+    full = _train_proc(d, corpus, tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read()[-2000:]
+
+    cut = _train_proc(d, corpus, tmp_path / "cut")
+    deadline = time.time() + 600
+    while last_complete_checkpoint(tmp_path / "cut") is None and cut.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    cut.send_signal(signal.SIGKILL)
+    cut.wait(timeout=60)
+    assert cut.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "cut" / "final").exists()
+
+    resumed = _train_proc(d, corpus, tmp_path / "cut")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    want = load_file(str(tmp_path / "full" / "final" / "codebooks.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "final" / "codebooks.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+
+
+def test_incomplete_checkpoint_is_skipped(tmp_path):
+    from codebook_features.training import last_complete_checkpoint
+
+    good, bad = tmp_path / "checkpoint-5", tmp_path / "checkpoint-10"
+    for p in (good, bad):
+        p.mkdir()
+        (p / "codebook_model.json").write_text("{}")
+    (good / "trainer_state.json").write_text("{}")
+    (bad / "trainer_state.json").write_text('{"trunc')  # killed mid-write
+    assert last_complete_checkpoint(tmp_path) == str(good)
+    assert last_complete_checkpoint(tmp_path / "absent") is None

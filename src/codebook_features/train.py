@@ -145,7 +145,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from .fsm import lm_metrics
     from .io import write_json
     from .model import CodebookModel, CodebookModelConfig, load_base_model
-    from .training import CodebookTrainer, CodebookTrainingArguments, kmeans_init_codebooks
+    from .training import (
+        CodebookTrainer,
+        CodebookTrainingArguments,
+        kmeans_init_codebooks,
+        last_complete_checkpoint,
+    )
 
     try:
         model_config = AutoConfig.from_pretrained(cfg.model)
@@ -190,7 +195,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         kmeans_init_codebooks(model, batches, seed=args.seed)
     trainer = CodebookTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
                               data_collator=default_data_collator, processing_class=tokenizer)
-    last = _last_checkpoint(args.output_dir)  # an interrupted run resumes where it stopped
+    last = last_complete_checkpoint(args.output_dir)  # an interrupted run resumes from here
     trainer.train(resume_from_checkpoint=last)
     model.eval()
     metrics = {"with_codebooks": lm_metrics(model.base_model, eval_ds).__dict__}
@@ -200,12 +205,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     model.save_codebooks(out, base_model_name=cfg.model)
     write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
 def _options(p: argparse.ArgumentParser) -> None:

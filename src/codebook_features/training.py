@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +90,31 @@ def kmeans_init_codebooks(model: CodebookModel, batches: Iterable[dict[str, Any]
         for layer in layers:
             layer.recorded, layer.bypass = None, False
         model.train(was_training)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished, or None.
+
+    A checkpoint is complete when its trainer state (written last by the Trainer) parses and
+    its codebook config (written last by ``save_codebooks``) exists; a run killed mid-save
+    leaves an incomplete folder, which is skipped.
+    """
+    import json
+    import re
+
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (path / "codebook_model.json").is_file():
+            return str(path)
+    return None
 
 
 class DeadCodeCallback(TrainerCallback):
