@@ -224,6 +224,17 @@ def test_regex_search(setup):
                     break
         assert m.neuron_precision == pytest.approx(best)
     assert best_neuron_precision(acts.numpy(), mask, [1.0])[0] > 0
+    model, tok = setup["model"], setup["tok"]
+    neurons = index.neuron_activations(model, tok, SITE, batch_size=5)
+    assert neurons.shape == (index.num_tokens, 32)
+    model.site(SITE).recorded = []
+    model(input_ids=torch.tensor([[t[0] for t in ref[1]["tokens"]]]))
+    first = len(ref[0]["tokens"])
+    torch.testing.assert_close(neurons[first:first + len(ref[1]["tokens"])],
+                               model.site(SITE).recorded[-1][0], atol=1e-5, rtol=1e-5)
+    model.site(SITE).recorded = None
+    real = index.regex_search(PATTERN, SITE, n=3, neurons=neurons)
+    assert all(0 < m.neuron_precision <= 1 for m in real)
     with pytest.raises(CodebookError, match="neurons of shape"):
         index.regex_search(PATTERN, SITE, neurons=acts[:10])
 

@@ -222,6 +222,49 @@ class CodeIndex:
         rel = self.con.sql("SELECT * FROM tokens ORDER BY doc, pos")
         return (getattr(rel, "to_arrow_table", None) or rel.arrow)()  # duckdb 2 / 1
 
+    def neuron_activations(self, model: Any, tokenizer: Any, site: str, batch_size: int = 8
+                           ) -> torch.Tensor:
+        """The activations entering ``site``'s codebook (the site's neurons) on every indexed
+        token: float32 ``(num_tokens, dim)`` in :meth:`tokens` order, for ``regex_search``'s
+        ``neurons``. Runs ``model`` (the index's model) over the stored texts again."""
+        check_model(self.meta, model, self.path)
+        self._site(site)
+        layer = model.site(site)
+        max_length = int(self.meta["settings"]["max_length"])
+        device = next(iter(model.parameters())).device
+        rows: list[torch.Tensor] = []
+        was_training = model.training
+        model.eval()
+        layer.recorded = []
+        try:
+            with torch.no_grad():
+                for shard in self.meta["shards"]:
+                    f = str(self.path / shard["files"]["docs"]).replace("'", "''")
+                    texts = [t for (t,) in self._rows(
+                        f"SELECT text FROM read_parquet('{f}') ORDER BY doc")]
+                    for i in range(0, len(texts), batch_size):
+                        ids = tokenizer(texts[i:i + batch_size], truncation=True,
+                                        max_length=max_length)["input_ids"]
+                        width = max(len(r) for r in ids)
+                        x = torch.full((len(ids), width), tokenizer.pad_token_id or 0)
+                        mask = torch.zeros_like(x)
+                        for j, r in enumerate(ids):
+                            x[j, :len(r)] = torch.tensor(r)
+                            mask[j, :len(r)] = 1
+                        layer.recorded.clear()
+                        model(input_ids=x.to(device), attention_mask=mask.to(device))
+                        a = layer.recorded[-1].reshape(len(ids), width, -1).float().cpu()
+                        rows.extend(a[j, :len(r)] for j, r in enumerate(ids))
+        finally:
+            layer.recorded = None
+            model.train(was_training)
+        out = torch.cat(rows) if rows else torch.zeros(0, layer.config.dim)
+        if out.shape[0] != self.num_tokens:
+            raise CodebookError(f"neuron_activations: the tokenizer gives {out.shape[0]} tokens "
+                                f"but the index holds {self.num_tokens}; pass the tokenizer "
+                                "the index was built with")
+        return out
+
     def regex_positions(self, pattern: str | re.Pattern[str]) -> Any:
         """Token positions (pyarrow Table ``doc, pos``) whose characters overlap a match.
 
