@@ -33,6 +33,10 @@ class CodebookTrainingArguments(TrainingArguments):
     dead_code_interval: int = field(
         default=100, metadata={"help": "Replace dead codes every this many optimizer steps "
                                        "(0: never)."})
+    ddp_broadcast_buffers: bool | None = field(
+        default=False, metadata={"help": "Keep off: each process keeps its own codebook usage "
+                                         "statistics, which are combined when dead codes are "
+                                         "replaced (broadcasting would drop them)."})
     dead_code_noise: float = field(
         default=0.01, metadata={"help": "Noise (relative to the inputs' std) added to "
                                         "replacement codes."})
@@ -48,23 +52,38 @@ def _dist() -> Any | None:
 def replace_dead_codes(model: CodebookModel, seed: int, noise: float = 0.01) -> int:
     """Replace every site's dead codes, the same way on every process; returns how many.
 
-    Processes agree on which codes are dead (latest firing step, max-reduced), rank 0 draws the
-    replacements from its recent inputs, and the new codes are broadcast.
+    With several processes, they first agree on which codes are dead (latest firing step,
+    max-reduced) and gather every process's recent inputs in rank order, so each process draws
+    the same replacements from the same global batch as a single process would.
     """
     dist = _dist()
     total = 0
     for i, layer in enumerate(model.sites.values()):
+        inputs = layer._recent
         if dist is not None:
             dist.all_reduce(layer.last_fired, op=dist.ReduceOp.MAX)
-        if layer._recent is None:
+            inputs = _gather_rows(dist, inputs, layer.codebook.device)
+        if inputs is None:
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + int(layer.step) * 101 + i)
-        n = layer.replace_dead_codes(noise=noise, generator=gen)
-        if dist is not None:
-            dist.broadcast(layer.codebook.data, src=0)
-            dist.broadcast(layer.last_fired, src=0)
-        total += n
+        total += layer.replace_dead_codes(inputs=inputs, noise=noise, generator=gen)
     return total
+
+
+def _gather_rows(dist: Any, rows: torch.Tensor | None, device: torch.device
+                 ) -> torch.Tensor | None:
+    """Concatenate every process's ``rows`` in rank order (None if any process has none)."""
+    n = torch.tensor([-1 if rows is None else rows.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    if any(int(s) < 0 for s in sizes):
+        return None
+    size = max(int(s) for s in sizes)
+    padded = torch.zeros(size, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
 
 
 @torch.no_grad()
@@ -86,6 +105,9 @@ def kmeans_init_codebooks(model: CodebookModel, batches: Iterable[dict[str, Any]
         for i, layer in enumerate(layers):
             acts = torch.cat([r.reshape(-1, layer.config.dim) for r in layer.recorded])
             layer.kmeans_init(acts, iters=iters, seed=seed + 7919 * i)
+            dist = _dist()
+            if dist is not None:  # every process starts from rank 0's codes
+                dist.broadcast(layer.codebook.data, src=0)
     finally:
         for layer in layers:
             layer.recorded, layer.bypass = None, False
