@@ -26,18 +26,14 @@ CONFIG_NAME = "codebook_config.json"
 WEIGHTS_NAME = "codebook.safetensors"
 
 
-@dataclass
-class CodebookConfig:
-    """Settings of one codebook layer."""
+@dataclass(kw_only=True)
+class CodebookSettings:
+    """The settings every codebook has, shared by one layer and a whole model's config."""
 
-    dim: int
-    """Width of the activation the codebook replaces."""
     num_codes: int = 10_000
     """Codes per group."""
     k: int = 1
     """Codes chosen per token (and per group)."""
-    groups: int = 1
-    """Equal slices of the width, each with its own codebook and top-k (e.g. one per head)."""
     similarity: str = "cosine"
     """How inputs are matched to codes: cosine, inner or euclidean."""
     combine: str = "mean"
@@ -52,6 +48,20 @@ class CodebookConfig:
     """Memory bound of one similarity block in the exact chunked search."""
     check_finite: bool = True
     """Reject NaN/inf inputs with a clear error (one host sync per forward)."""
+
+    @classmethod
+    def shared_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(CodebookSettings))
+
+
+@dataclass(kw_only=True)
+class CodebookConfig(CodebookSettings):
+    """Settings of one codebook layer."""
+
+    dim: int
+    """Width of the activation the codebook replaces."""
+    groups: int = 1
+    """Equal slices of the width, each with its own codebook and top-k (e.g. one per head)."""
     name: str = "codebook"
     """Name used in error messages and statistics."""
 

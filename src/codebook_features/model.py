@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import sites as _sites
-from .codebook import CodebookConfig, CodebookLayer
+from .codebook import CodebookConfig, CodebookLayer, CodebookSettings
 from .errors import CodebookError
 from .io import read_json, read_safetensors, write_json, write_safetensors
 
@@ -34,39 +34,18 @@ FORMAT = "codebook-features/model"
 FORMAT_VERSION = 1
 
 
-@dataclass
-class CodebookModelConfig:
+@dataclass(kw_only=True)
+class CodebookModelConfig(CodebookSettings):
     """Which sites of a base model get codebooks, and the codebooks' settings."""
 
     placements: list[str] = field(default_factory=lambda: ["attn_heads"])
     """Sites in every chosen layer: attn_heads, attn_out, mlp_out, mlp_hidden, residual."""
     layers: list[int] | None = None
     """Layer indices to snap (negative counts from the end); None for all layers."""
-    num_codes: int = 10_000
-    """Codes per codebook (per group)."""
-    k: int = 1
-    """Codes chosen per token and group."""
     groups: int | None = None
     """Groups per codebook; None: one per head for attn_heads, 1 for other placements."""
-    similarity: str = "cosine"
-    """How inputs are matched to codes: cosine, inner or euclidean."""
-    combine: str = "mean"
-    """How the k chosen codes become the output: mean or sum."""
-    mse_coeff: float = 1.0
-    """Weight (lambda) of MSE(output, stop_grad(input)) in the codebook gradient."""
-    layernorm: bool = True
-    """LayerNorm (trainable affine) on each codebook's input."""
-    dead_code_window: int = 100
-    """Training steps without firing after which a code counts as dead."""
-    chunk_mib: float = 16.0
-    """Memory bound of one similarity block in the exact search."""
-    check_finite: bool = True
-    """Reject NaN/inf activations with a clear error (one host sync per site and forward)."""
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-placement or per-site codebook settings, e.g. {"mlp_out": {"k": 4}}."""
-
-    _SHARED = ("num_codes", "k", "similarity", "combine", "mse_coeff", "layernorm",
-               "dead_code_window", "chunk_mib", "check_finite")
 
     def __post_init__(self) -> None:
         if isinstance(self.placements, str):
@@ -88,7 +67,7 @@ class CodebookModelConfig:
     def codebook_config(self, dim: int, groups: int, name: str, placement: str | None = None
                         ) -> CodebookConfig:
         """The :class:`CodebookConfig` of one site (shared settings plus its overrides)."""
-        kw: dict[str, Any] = {k: getattr(self, k) for k in self._SHARED}
+        kw: dict[str, Any] = {k: getattr(self, k) for k in self.shared_fields()}
         kw["groups"] = groups
         if placement is not None:
             kw.update(self.overrides.get(placement, {}))
