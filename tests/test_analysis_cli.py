@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import json
 
-import torch
-from transformers import GPTNeoXForCausalLM
+from tiny_models import story_workload
 
 from codebook_features.analysis import CodeIndex
 from codebook_features.cli import main
-from codebook_features.data.stories import (
-    generate_stories,
-    tiny_story_model_config,
-    train_story_tokenizer,
-    write_corpus,
-)
 from codebook_features.model import CodebookModel
 
 
 def test_index_then_search(tmp_path, capsys):
-    stories = generate_stories(num_stories=40, seed=3)
-    corpus = write_corpus(tmp_path / "stories.txt", stories)
-    tok = train_story_tokenizer([s["text"] for s in stories], vocab_size=300)
-    torch.manual_seed(0)
-    base = GPTNeoXForCausalLM(tiny_story_model_config(tok, hidden_size=32, num_heads=2,
-                                                      max_position_embeddings=256))
-    base.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    corpus, _, base = story_workload(tmp_path, num_stories=40, seed=3, positions=256)
     model = CodebookModel(base, placements=["attn_heads"], num_codes=32, k=2)
-    model.save_codebooks(tmp_path / "cb", base_model_name=str(tmp_path / "base"))
+    model.save_codebooks(tmp_path / "cb", base_model_name=str(tmp_path / "model"))
 
     assert main(["index", str(tmp_path / "cb"), "--files", str(corpus), "--out",
                  str(tmp_path / "idx"), "--shard-tokens", "500"]) == 0

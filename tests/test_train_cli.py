@@ -10,15 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPTNeoXForCausalLM
+from tiny_models import story_workload
 
 from codebook_features.cli import main
-from codebook_features.data.stories import (
-    generate_stories,
-    tiny_story_model_config,
-    train_story_tokenizer,
-    write_corpus,
-)
+from codebook_features.data.stories import generate_stories, write_corpus
 from codebook_features.errors import CodebookError
 from codebook_features.train import load_config, run_training
 
@@ -28,14 +23,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stories-local.yaml"
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    stories = generate_stories(num_stories=300, seed=0)
-    corpus = write_corpus(d / "stories.txt", stories)
-    tok = train_story_tokenizer([s["text"] for s in stories], vocab_size=300)
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(tiny_story_model_config(tok, hidden_size=32, num_heads=2,
-                                                       max_position_embeddings=64))
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    corpus, _, _ = story_workload(d, num_stories=300, seed=0, positions=64)
     return d, corpus
 
 

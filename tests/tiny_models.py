@@ -70,3 +70,24 @@ def tiny_unsupported(seed: int = 0) -> nn.Module:
 def tokens(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def story_workload(folder, num_stories: int, seed: int, positions: int):
+    """A generated story corpus, its BPE tokenizer and a tiny random GPT-NeoX saved (with the
+    tokenizer) to ``folder / "model"``; returns (corpus path, tokenizer, model)."""
+    from codebook_features.data.stories import (
+        generate_stories,
+        tiny_story_model_config,
+        train_story_tokenizer,
+        write_corpus,
+    )
+
+    stories = generate_stories(num_stories=num_stories, seed=seed)
+    corpus = write_corpus(folder / "stories.txt", stories)
+    tok = train_story_tokenizer([s["text"] for s in stories], vocab_size=300)
+    torch.manual_seed(0)
+    model = T.GPTNeoXForCausalLM(tiny_story_model_config(
+        tok, hidden_size=32, num_heads=2, max_position_embeddings=positions))
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return corpus, tok, model
