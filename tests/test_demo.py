@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_quick_writes_full_report(tmp_path):
     out = tmp_path / "demo"
@@ -34,3 +36,19 @@ def test_demo_rejects_bad_override(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --set 'colour=red'")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_demo_default_reproduces_the_paper_effects(tmp_path):
+    """The main job on its defaults (about 6 minutes on 2 cores): the targets it meets."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["base"]["state_acc"] >= 0.90
+    assert report["attn_k1"]["state_acc"] >= report["base"]["state_acc"] - 0.02
+    assert report["attn_mlp_k1"]["state_acc"] < report["base"]["state_acc"] - 0.02
+    assert report["attn_mlp_k4"]["state_acc"] > report["attn_mlp_k1"]["state_acc"]
+    assert report["state_codes"]["mean_precision"] >= 0.90
+    assert report["timings"]["total_s"] < 900
