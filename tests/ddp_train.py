@@ -31,6 +31,9 @@ def main(out: str) -> None:
                    for k, v in layer.named_parameters()}
         tensors["replaced"] = torch.tensor([trainer._replaced])
         save_file(tensors, f"{out}/codebooks.safetensors")
+    if torch.distributed.is_initialized():  # a clean shutdown of the gloo threads
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from .errors import CodebookError
 from .io import read_json, read_safetensors, write_json, write_safetensors
 
 CONFIG_NAME = "codebook_config.json"
+RECENT_ROWS = 4096
+"""Recent normed inputs kept per layer as candidates for replacing dead codes."""
 WEIGHTS_NAME = "codebook.safetensors"
 
 
@@ -236,7 +238,9 @@ class CodebookLayer(nn.Module):
         flat_x = xg.reshape(n, c.dim)
         self.sum_x += flat_x.sum(0)
         self.sum_x2 += torch.linalg.vector_norm(flat_x).square()
-        self._recent = xg  # kept by reference (autograd holds it anyway); sampled on use
+        # Rows for dead-code replacement: up to RECENT_ROWS, spread over the batch, copied so
+        # that the batch itself is not kept alive between steps.
+        self._recent = xg[:: max(1, -(-n // RECENT_ROWS))].clone()
 
     def reset_stats(self) -> None:
         """Zero the usage counters and error sums (the dead-code clock keeps running)."""
