@@ -168,7 +168,7 @@ class CodebookTrainer(Trainer):
             model.freeze_base()
         super().__init__(model=model, args=args, **kwargs)
         self.codebook_model = model
-        self._mse_sum = torch.zeros(())
+        self._mse_sum: torch.Tensor | float = 0.0  # stays on the device: no per-step sync
         self._mse_n = 0
         self._replaced = 0
         self.add_callback(DeadCodeCallback(self))
@@ -207,7 +207,7 @@ class CodebookTrainer(Trainer):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                    num_items_in_batch=num_items_in_batch)
         if model.training and self.codebook_model.enabled:
-            self._mse_sum = self._mse_sum + self.codebook_model.codebook_loss().cpu()
+            self._mse_sum = self._mse_sum + self.codebook_model.codebook_loss()
             self._mse_n += 1
         return out
 
@@ -218,7 +218,7 @@ class CodebookTrainer(Trainer):
                     for layer in self.codebook_model.sites.values()]
             logs["dead_code_fraction"] = round(sum(dead) / max(len(dead), 1), 4)
             logs["codes_replaced"] = self._replaced
-            self._mse_sum = torch.zeros(())
+            self._mse_sum = 0.0
             self._mse_n = 0
         super().log(logs, start_time)
 
