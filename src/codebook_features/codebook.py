@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from . import snap
 from .errors import CodebookError
 from .io import read_json, read_safetensors, write_json, write_safetensors
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 CONFIG_NAME = "codebook_config.json"
 RECENT_ROWS = 4096
@@ -51,15 +54,30 @@ class CodebookSettings:
     check_finite: bool = True
     """Reject NaN/inf inputs with a clear error (one host sync per forward)."""
 
+    _label: ClassVar[str] = "codebook settings"
+
     @classmethod
     def shared_fields(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(CodebookSettings))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """Build from a dict, refusing unknown keys with one line that lists the known ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CodebookError(f"unknown {cls._label} keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
 
 
 @dataclass(kw_only=True)
 class CodebookConfig(CodebookSettings):
     """Settings of one codebook layer."""
 
+    _label: ClassVar[str] = "codebook config"
     dim: int
     """Width of the activation the codebook replaces."""
     groups: int = 1
@@ -97,16 +115,6 @@ class CodebookConfig(CodebookSettings):
     def group_dim(self) -> int:
         return self.dim // self.groups
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CodebookError(f"unknown codebook config keys {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 @dataclass

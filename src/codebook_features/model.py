@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 @dataclass(kw_only=True)
 class CodebookModelConfig(CodebookSettings):
     """Which sites of a base model get codebooks, and the codebooks' settings."""
+
+    _label: ClassVar[str] = "codebook model config"
 
     placements: list[str] = field(default_factory=lambda: ["attn_heads"])
     """Sites in every chosen layer: attn_heads, attn_out, mlp_out, mlp_hidden, residual."""
@@ -74,17 +76,6 @@ class CodebookModelConfig(CodebookSettings):
         kw.update(self.overrides.get(name, {}))
         return CodebookConfig(dim=dim, name=name, **kw)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CodebookModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CodebookError(f"unknown codebook model config keys {unknown}; known: "
-                                f"{sorted(names)}")
-        return cls(**d)
 
 
 def _key(site: str) -> str:
