@@ -24,9 +24,16 @@ def test_demo_quick_writes_full_report(tmp_path):
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
     assert "Targets" in proc.stdout or "met" in proc.stdout
-    # the models it trained load back
-    assert (out / "base" / "config.json").is_file()
-    assert (out / "attn_k1" / "codebooks.safetensors").is_file()
+    # the models it trained load back, finetuned weights included: same figures as in the run
+    from codebook_features.data.tokfsm import TokFSM, build_splits
+    from codebook_features.fsm import lm_metrics
+    from codebook_features.model import CodebookModel
+
+    fsm = TokFSM.load(out / "fsm.json")
+    eval_ds = build_splits(fsm, 1, max(report["config"]["analysis_sequences"], 200))["eval"]
+    model = CodebookModel.from_pretrained(out / "attn_k1").eval()
+    assert round(lm_metrics(model.base_model, eval_ds, batch_size=64).loss, 4) == \
+        report["attn_k1"]["loss"]
 
 
 def test_demo_rejects_bad_override(tmp_path):

@@ -179,7 +179,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                   data_collator=default_data_collator)
         trainer.train()
         cbm.eval()
-        cbm.save_codebooks(out / name, base_model_name=str(out / "base"))
+        # The model weights were finetuned too: save them beside the codebooks.
+        cbm.base_model.save_pretrained(out / name)
+        cbm.save_codebooks(out / name, base_model_name=str(out / name))
         results[name] = _model_metrics(cbm.base_model, fsm, eval_ds, cfg)
         results[name]["codebook_mse"] = trainer.state.log_history[-2].get("codebook_mse")
         results[name]["dead_code_fraction"] = trainer.state.log_history[-2].get(
@@ -213,8 +215,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return report
 
 
-def _capture_inputs(module: torch.nn.Module, store: list[torch.Tensor]):
-    return module.register_forward_pre_hook(lambda m, args: store.append(args[0].detach()))
+@torch.no_grad()
+def site_codes(cbm, ids: torch.Tensor, neuron_module: torch.nn.Module | None = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """One pass over ``ids``: every site's codes as ``(positions, G, k)``, and the inputs of
+    ``neuron_module`` (its neurons) as ``(positions, H)`` when given."""
+    codes: dict[str, list[torch.Tensor]] = {n: [] for n in cbm.site_names}
+    neurons: list[torch.Tensor] = []
+    handle = (neuron_module.register_forward_pre_hook(
+        lambda m, args: neurons.append(args[0].detach())) if neuron_module is not None else None)
+    try:
+        for i in range(0, len(ids), 64):
+            cbm.base_model(input_ids=ids[i:i + 64])
+            for n, layer in cbm.sites.items():
+                codes[n].append(layer.last_codes)
+    finally:
+        if handle is not None:
+            handle.remove()
+    out = {n: torch.cat(c).reshape(-1, *c[0].shape[-2:]) for n, c in codes.items()}
+    acts = torch.cat(neurons).reshape(len(ids) * ids.shape[1], -1) if neurons else None
+    return out, acts
 
 
 @torch.no_grad()
@@ -231,17 +251,8 @@ def analyse_state_codes(cbm, fsm, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
     pos_states, _ = fsm.position_states(states)
     # Neurons of the same layer: the MLP's hidden activations (input of its down projection).
     hidden_site = sites_mod.find_sites(cbm.base_model, ["mlp_hidden"], [last])[0]
-    neurons: list[torch.Tensor] = []
-    handle = _capture_inputs(cbm.base_model.get_submodule(hidden_site.module), neurons)
-    codes = []
-    try:
-        for i in range(0, len(ids), 64):
-            cbm.base_model(input_ids=ids[i:i + 64])
-            codes.append(layer.last_codes[..., 0, :])
-    finally:
-        handle.remove()
-    codes = torch.cat(codes).reshape(-1, layer.config.k)
-    acts = torch.cat(neurons).reshape(codes.shape[0], -1)
+    all_codes, acts = site_codes(cbm, ids, cbm.base_model.get_submodule(hidden_site.module))
+    codes = all_codes[site][:, 0]  # (positions, k): the MLP codebook has one group
     flat_states = pos_states.reshape(-1)
     stats = fm.code_state_precision(codes, flat_states, layer.config.num_codes,
                                     num_states=fsm.num_states)
@@ -264,31 +275,25 @@ def analyse_state_codes(cbm, fsm, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
         "mean_precision": round(float(neuron_prec.nanmean()), 4) if sc.numel() else None,
         "precisions": [round(float(x), 4) for x in neuron_prec],
     }
-    intervention = intervene_states(cbm, fsm, eval_ds, cfg)
+    intervention = intervene_states(cbm, fsm, ids, all_codes, cfg)
     return {"state_codes": state_codes, "neurons": neuron_summary, "intervention": intervention}
 
 
 @torch.no_grad()
-def digit_state_codes(cbm, fsm, ids: torch.Tensor, precision_threshold: float = 0.9
-                      ) -> dict[tuple[str, int, int], Any]:
+def digit_state_codes(cbm, fsm, ids: torch.Tensor, codes: dict[str, torch.Tensor],
+                      precision_threshold: float = 0.9) -> dict[tuple[str, int, int], Any]:
     """State codes of every site, group and digit position of a state.
 
-    Returns ``(site, group, digit) -> CodeStateStats`` computed over the positions holding
-    digit ``digit`` of a state (the last digit is where the next state is predicted).
+    ``codes``: every site's codes on ``ids`` (:func:`site_codes`). Returns
+    ``(site, group, digit) -> CodeStateStats`` computed over the positions holding digit
+    ``digit`` of a state (the last digit is where the next state is predicted).
     """
     from . import fsm as fm
 
-    codes: dict[str, list[torch.Tensor]] = {n: [] for n in cbm.site_names}
-    for i in range(0, len(ids), 64):
-        cbm.base_model(input_ids=ids[i:i + 64])
-        for n, layer in cbm.sites.items():
-            codes[n].append(layer.last_codes)
     pos_states, digit = fsm.position_states(fsm.decode(ids))
     pos_states, digit = pos_states.reshape(-1), digit.reshape(-1)
     out = {}
-    for n, chunks in codes.items():
-        c = torch.cat(chunks)
-        c = c.reshape(-1, *c.shape[-2:])  # (positions, G, k)
+    for n, c in codes.items():
         for d in range(fsm.digits):
             at = digit == d
             for g in range(c.shape[1]):
@@ -300,7 +305,8 @@ def digit_state_codes(cbm, fsm, ids: torch.Tensor, precision_threshold: float = 
 
 
 @torch.no_grad()
-def intervene_states(cbm, fsm, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
+def intervene_states(cbm, fsm, ids: torch.Tensor, codes: dict[str, torch.Tensor],
+                     cfg: DemoConfig) -> dict[str, Any]:
     """Swap state A's state codes for state B's where A is written; measure the effect.
 
     For each (A, B) pair the prompt is a held-out sequence cut right after an occurrence of A.
@@ -310,8 +316,7 @@ def intervene_states(cbm, fsm, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
     """
     from . import fsm as fm
 
-    ids = torch.tensor(eval_ds["input_ids"][: cfg.analysis_sequences])
-    per_site = digit_state_codes(cbm, fsm, ids, cfg.intervention_precision)
+    per_site = digit_state_codes(cbm, fsm, ids, codes, cfg.intervention_precision)
     top_code = {key: _top_code_per_state(st, fsm.num_states) for key, st in per_site.items()}
     a_codes = {key: [set(st.codes_for_state(a).tolist()) for a in range(fsm.num_states)]
                for key, st in per_site.items()}
