@@ -174,6 +174,7 @@ class CodebookLayer(nn.Module):
         self.track_stats = True
         self.bypass = False
         self.interventions: list[Intervention] = []
+        self.position_offset = 0  # absolute position of the input's first token (steering)
         self.recorded: list[Tensor] | None = None  # when a list, raw inputs are appended to it
         self.last_codes: Tensor | None = None
         self.last_scores: Tensor | None = None
@@ -394,7 +395,7 @@ class CodebookLayer(nn.Module):
         present = torch.ones(codes.shape, dtype=torch.bool, device=dev)
         ablated = torch.zeros(codes.shape, dtype=torch.bool, device=dev)
         for iv in self.interventions:
-            rows = self._rows(iv.positions, lead, dev)
+            rows = self._rows(iv.positions, lead, dev, self.position_offset)
             if iv.kind == "replace":
                 slot = iv.slot % c.k
                 codes[rows, iv.group, slot] = iv.codes[0]
@@ -409,7 +410,7 @@ class CodebookLayer(nn.Module):
                 ablated = torch.cat([ablated, torch.zeros_like(extra_on)], -1)
         for iv in self.interventions:
             if iv.kind == "ablate":
-                rows = self._rows(iv.positions, lead, dev)
+                rows = self._rows(iv.positions, lead, dev, self.position_offset)
                 hit = torch.zeros_like(ablated)
                 hit[rows, iv.group] = torch.isin(
                     codes[rows, iv.group], torch.tensor(iv.codes, device=dev))
@@ -421,13 +422,17 @@ class CodebookLayer(nn.Module):
         return codes, w
 
     @staticmethod
-    def _rows(positions: tuple[int, ...] | None, lead: torch.Size, dev) -> Tensor | slice:
-        """Flat token rows at the given positions of the token axis (``lead[-1]``)."""
+    def _rows(positions: tuple[int, ...] | None, lead: torch.Size, dev, offset: int = 0
+              ) -> Tensor | slice:
+        """Flat token rows at the given positions of the token axis (``lead[-1]``).
+
+        A position ``p >= 0`` is absolute: the input's first token is at ``offset`` (non-zero
+        while generating with a cache); a negative ``p`` counts from the input's end."""
         if positions is None:
             return slice(None)
         t = lead[-1] if len(lead) else 1
-        pos = torch.tensor([p % t for p in positions if -t <= p < t], dtype=torch.long,
-                           device=dev)
+        rel = [p - offset if p >= 0 else p % t for p in positions if p >= -t]
+        pos = torch.tensor([r for r in rel if 0 <= r < t], dtype=torch.long, device=dev)
         outer = math.prod(lead[:-1]) if len(lead) > 1 else 1
         return (torch.arange(outer, device=dev).view(-1, 1) * t + pos.view(1, -1)).reshape(-1)
 
