@@ -20,13 +20,18 @@ from .errors import CodebookError
 
 @torch.no_grad()
 def evaluate_codebooks(model, eval_ds, batch_size: int = 16) -> dict[str, Any]:
-    """LM metrics with and without codebooks, and per-site codebook statistics."""
+    """LM metrics with and without codebooks, and per-site codebook statistics.
+
+    Leaves the model as it found it: training mode, usage statistics and the recent inputs
+    kept for dead-code replacement are restored (so it can run in the middle of training).
+    """
     from .fsm import lm_metrics
 
+    was_training = model.training
     model.eval()
     layers = model.sites
-    saved = {n: {k: v.clone() for k, v in layer.state_dict().items()} for n, layer in
-             layers.items()}
+    saved = {n: ({k: v.clone() for k, v in layer.state_dict().items()}, layer._recent)
+             for n, layer in layers.items()}
     for layer in layers.values():  # count usage on the evaluation data only
         layer.reset_stats()
         layer.train()
@@ -41,15 +46,32 @@ def evaluate_codebooks(model, eval_ds, batch_size: int = 16) -> dict[str, Any]:
     finally:
         for name, layer in layers.items():
             layer.eval()
-            layer.load_state_dict(saved[name])
-    with model.codebooks_disabled():
-        without = lm_metrics(model.base_model, eval_ds, batch_size=batch_size)
+            layer.load_state_dict(saved[name][0])
+            layer._recent = saved[name][1]
+    try:
+        with model.codebooks_disabled():
+            without = lm_metrics(model.base_model, eval_ds, batch_size=batch_size)
+    finally:
+        model.train(was_training)
 
     def row(m) -> dict[str, float]:
         return {"loss": m.loss, "accuracy": m.accuracy, "perplexity": math.exp(min(m.loss, 50))}
 
     return {"with_codebooks": row(with_cb), "without_codebooks": row(without), "sites": sites,
             "tokens": with_cb.tokens}
+
+
+def flat_metrics(metrics: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """:func:`evaluate_codebooks`' result as flat log keys: ``{prefix}_loss`` (``accuracy``,
+    ``perplexity``) with codebooks, ``{prefix}_without_codebooks_loss`` (...) and
+    ``{prefix}_{site}/mse`` (``fvu``, ``dead_fraction``, ``usage_entropy``)."""
+    out = {f"{prefix}_{k}": v for k, v in metrics["with_codebooks"].items()}
+    out.update({f"{prefix}_without_codebooks_{k}": v
+                for k, v in metrics["without_codebooks"].items()})
+    for site, stats in metrics["sites"].items():
+        out.update({f"{prefix}_{site}/{k}": v for k, v in stats.items()})
+    out[f"{prefix}_tokens"] = metrics["tokens"]
+    return out
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -79,10 +101,10 @@ def _options(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .data.text import load_text, pack
+    from .data.text import load_text, pack, take_rows
     from .io import write_json, write_text
     from .model import CodebookModel
-    from .train import load_config
+    from .train import STREAM_EVAL_ROWS, load_config
 
     cfg = load_config(args.config, args.overrides)
     d = cfg.data
@@ -90,8 +112,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise CodebookError(f"codebook folder {args.codebooks} not found")
     model = CodebookModel.from_pretrained(args.codebooks, base_model=cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column)
-    eval_ds = pack(text, tokenizer, d.seq_len, d.text_column)
+    text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column,
+                     d.streaming)
+    rows = d.max_eval_rows or (STREAM_EVAL_ROWS if d.streaming else None)
+    eval_ds = take_rows(pack(text, tokenizer, d.seq_len, d.text_column), rows)
     if len(eval_ds) == 0:
         raise CodebookError(f"no evaluation rows of {d.seq_len} tokens; lower data.seq_len")
     metrics = evaluate_codebooks(model, eval_ds, args.batch_size)

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,20 @@ class DataConfig:
     """Local .txt / .jsonl / .parquet files instead of a hub dataset."""
     split: str = "train"
     eval_split: str | None = None
-    """Split to evaluate on (none: hold out eval_fraction of the training rows)."""
+    """Split to evaluate on (none: hold out eval_fraction of the training rows, or with
+    streaming the first max_eval_rows rows)."""
     eval_fraction: float = 0.05
     text_column: str = "text"
     seq_len: int = 512
     max_train_rows: int | None = None
     """Use at most this many packed rows for training."""
+    max_eval_rows: int | None = None
+    """Evaluate on at most this many packed rows (default: all; with streaming 256)."""
+    streaming: bool = False
+    """Read the text lazily (corpora larger than memory) and pack it on the fly; needs
+    training.max_steps. Rows come in corpus order unless shuffle_buffer is set."""
+    shuffle_buffer: int = 0
+    """With streaming: shuffle the packed rows through a buffer of this many rows (0: off)."""
 
 
 @dataclass
@@ -137,70 +146,178 @@ def _model_positions(model_config: Any) -> int | None:
     return None
 
 
+STREAM_EVAL_ROWS = 256
+"""Evaluation rows read from a stream when data.max_eval_rows is not set."""
+
+_AT_LEAST = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
+             "gradient_accumulation_steps": 1, "learning_rate": 0.0,
+             "codebook_learning_rate": 0.0, "weight_decay": 0.0, "dead_code_interval": 0,
+             "dead_code_noise": 0.0}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def training_arguments(cfg: TrainConfig) -> Any:
+    """The run's ``CodebookTrainingArguments``: the CLI's defaults (TensorBoard logs, progress
+    bars) under the config's values, every value checked with a one-line error."""
+    import torch
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.optimization import get_scheduler
+
+    from .training import CodebookTrainingArguments
+
+    targs = dict(cfg.training)
+    targs.setdefault("output_dir", "runs/train")
+    targs.setdefault("report_to", ["tensorboard"])
+    targs.setdefault("disable_tqdm", False)
+    try:
+        args = CodebookTrainingArguments(**targs)
+    except (ValueError, TypeError) as e:
+        raise CodebookError(f"training: {_first_line(e)}") from None
+    for name, low in _AT_LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise CodebookError(f"training.{name}={value}: must be at least {low}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise CodebookError(f"training.max_steps={args.max_steps}: give a positive number of "
+                            "steps (or -1 to train num_train_epochs)")
+    for what in ("eval", "save"):
+        strategy, steps = getattr(args, f"{what}_strategy"), getattr(args, f"{what}_steps")
+        if strategy == "steps" and steps is not None and steps <= 0:
+            raise CodebookError(f"training.{what}_steps={steps}: must be positive with "
+                                f"{what}_strategy=steps")
+    if cfg.data.streaming and args.max_steps < 0:
+        raise CodebookError("data.streaming needs training.max_steps: a stream has no length "
+                            "to count epochs by")
+    if args.fp16 and args.device.type == "cpu":
+        raise CodebookError("training.fp16 needs a GPU (this run is on the CPU); use "
+                            "training.bf16=true instead")
+    unknown = sorted(set(args.report_to) - set(INTEGRATION_TO_CALLBACK))
+    if unknown:
+        raise CodebookError(f"training.report_to: unknown {unknown}; known: "
+                            f"{sorted(INTEGRATION_TO_CALLBACK)}")
+    missing = sorted(set(args.report_to) - set(get_available_reporting_integrations()))
+    if missing:
+        extra = " (pip install 'codebook-features[wandb]')" if "wandb" in missing else ""
+        raise CodebookError(f"training.report_to: {missing} not installed{extra}")
+    steps = args.max_steps if args.max_steps > 0 else 1000
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(args.lr_scheduler_type, probe,
+                      num_warmup_steps=args.get_warmup_steps(steps), num_training_steps=steps,
+                      scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    except (TypeError, ValueError) as e:
+        raise CodebookError(f"training.lr_scheduler_type={args.lr_scheduler_type} with "
+                            f"lr_scheduler_kwargs={args.lr_scheduler_kwargs or {}}: "
+                            f"{_first_line(e)}") from None
+    return args
+
+
+def wandb_offline_unless_logged_in(args: Any) -> str | None:
+    """With ``report_to`` wandb and no credentials (no ``WANDB_API_KEY``, no netrc entry for
+    the wandb host) nor ``WANDB_MODE``, set ``WANDB_MODE=offline`` so that a run without
+    network neither hangs nor fails; runs go to ``WANDB_DIR`` (default: the output dir).
+    Returns the mode set, or None when nothing was changed."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if "wandb" not in args.report_to:
+        return None
+    os.environ.setdefault("WANDB_DIR", str(Path(args.output_dir).resolve()))
+    Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc().authenticators(host or "api.wandb.ai"):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    os.environ["WANDB_MODE"] = "offline"
+    print(f"wandb: not logged in, logging offline to {os.environ['WANDB_DIR']}/wandb "
+          "(wandb sync uploads it later)", file=sys.stderr)
+    return "offline"
+
+
+def build_datasets(cfg: TrainConfig, tokenizer: Any, seed: int) -> tuple[Any, Any]:
+    """Packed training rows (a ``Dataset``, or an ``IterableDataset`` when streaming) and
+    in-memory evaluation rows."""
+    from .data.text import load_text, pack, take_rows
+
+    d = cfg.data
+    if d.shuffle_buffer and not d.streaming:
+        raise CodebookError("data.shuffle_buffer is for data.streaming (in memory, the "
+                            "trainer shuffles every epoch)")
+
+    def packed(split: str) -> Any:
+        text = load_text(d.dataset, d.files, d.config, split, d.text_column, d.streaming)
+        return pack(text, tokenizer, d.seq_len, d.text_column)
+
+    train_ds = packed(d.split)
+    n_eval = d.max_eval_rows if d.max_eval_rows or not d.streaming else STREAM_EVAL_ROWS
+    if d.eval_split:
+        eval_ds = take_rows(packed(d.eval_split), n_eval)
+    elif d.streaming:  # hold out the stream's first rows
+        eval_ds, train_ds = take_rows(train_ds, n_eval), train_ds.skip(n_eval)
+    else:
+        if len(train_ds) < 2:
+            raise CodebookError(f"{len(train_ds)} row(s) of {d.seq_len} tokens: too few to "
+                                "train and evaluate; lower data.seq_len or add text")
+        n_held = max(1, int(len(train_ds) * d.eval_fraction))
+        split = train_ds.train_test_split(test_size=n_held, seed=seed, shuffle=True)
+        train_ds, eval_ds = split["train"], take_rows(split["test"], n_eval)
+    if d.max_train_rows is not None:
+        train_ds = (train_ds.take(d.max_train_rows) if d.streaming
+                    else take_rows(train_ds, d.max_train_rows))
+    empty = (next(iter(train_ds.take(1)), None) is None) if d.streaming else len(train_ds) == 0
+    if empty or len(eval_ds) == 0:
+        raise CodebookError(f"no {'training' if empty else 'evaluation'} rows of {d.seq_len} "
+                            "tokens: the data is too short; lower data.seq_len or add text")
+    if d.streaming and d.shuffle_buffer:
+        train_ds = train_ds.shuffle(seed=seed, buffer_size=d.shuffle_buffer)
+    return train_ds, eval_ds
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Check, load, train, evaluate and save; returns the final metrics."""
     from transformers import AutoConfig, AutoTokenizer, default_data_collator
 
-    from .data.text import load_text, pack
-    from .fsm import lm_metrics
+    from .data.text import take_rows
+    from .evaluate import evaluate_codebooks
     from .io import write_json
     from .model import CodebookModel, CodebookModelConfig, load_base_model
-    from .training import (
-        CodebookTrainer,
-        CodebookTrainingArguments,
-        kmeans_init_codebooks,
-        last_complete_checkpoint,
-    )
+    from .training import CodebookTrainer, kmeans_init_codebooks, last_complete_checkpoint
 
+    args = training_arguments(cfg)
     try:
         model_config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CodebookError(f"cannot load model {cfg.model!r} (no network, or no such "
-                            f"model/folder?): {first}") from None
+                            f"model/folder?): {_first_line(e)}") from None
     positions = _model_positions(model_config)
     if positions is not None and cfg.data.seq_len > positions:
         raise CodebookError(f"data.seq_len={cfg.data.seq_len} exceeds the model's "
                             f"{positions} positions; lower data.seq_len")
-    d = cfg.data
-    train_text = load_text(d.dataset, d.files, d.config, d.split, d.text_column)
-    eval_text = (load_text(d.dataset, d.files, d.config, d.eval_split, d.text_column)
-                 if d.eval_split else None)
-    targs = dict(cfg.training)
-    targs.setdefault("output_dir", "runs/train")
-    targs.setdefault("report_to", [])
-    args = CodebookTrainingArguments(**targs)
-
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    train_ds = pack(train_text, tokenizer, d.seq_len, d.text_column)
-    if eval_text is not None:
-        eval_ds = pack(eval_text, tokenizer, d.seq_len, d.text_column)
-    else:
-        n_eval = max(1, int(len(train_ds) * d.eval_fraction))
-        split = train_ds.train_test_split(test_size=n_eval, seed=args.seed, shuffle=True)
-        train_ds, eval_ds = split["train"], split["test"]
-    if d.max_train_rows is not None:
-        train_ds = train_ds.select(range(min(d.max_train_rows, len(train_ds))))
-    if len(train_ds) == 0:
-        raise CodebookError(f"no training rows of {d.seq_len} tokens: the data is too short; "
-                            "lower data.seq_len or add text")
+    train_ds, eval_ds = build_datasets(cfg, tokenizer, args.seed)
 
     base = load_base_model(cfg.model)
     model = CodebookModel(base, CodebookModelConfig.from_dict(dict(cfg.codebooks)))
     if cfg.kmeans_init_batches:
         bs = args.per_device_train_batch_size
-        batches = [default_data_collator([train_ds[j] for j in range(i, min(i + bs,
-                                                                          len(train_ds)))])
-                   for i in range(0, min(len(train_ds), cfg.kmeans_init_batches * bs), bs)]
+        rows = take_rows(train_ds, cfg.kmeans_init_batches * bs)
+        batches = [default_data_collator([rows[j] for j in range(i, min(i + bs, len(rows)))])
+                   for i in range(0, len(rows), bs)]
         kmeans_init_codebooks(model, batches, seed=args.seed)
+    wandb_offline_unless_logged_in(args)
     trainer = CodebookTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
                               data_collator=default_data_collator, processing_class=tokenizer)
     last = last_complete_checkpoint(args.output_dir)  # an interrupted run resumes from here
     trainer.train(resume_from_checkpoint=last)
-    model.eval()
-    metrics = {"with_codebooks": lm_metrics(model.base_model, eval_ds).__dict__}
-    with model.codebooks_disabled():
-        metrics["without_codebooks"] = lm_metrics(model.base_model, eval_ds).__dict__
+    metrics = evaluate_codebooks(model, eval_ds, batch_size=args.per_device_eval_batch_size)
     out = Path(args.output_dir) / "final"
     model.save_codebooks(out, base_model_name=cfg.model)
     write_json(out / "metrics.json", metrics)

@@ -1,15 +1,16 @@
 """Training codebook models with the Hugging Face ``Trainer``.
 
 ``CodebookTrainer`` adds what codebooks need to a stock Trainer: separate learning rates for
-codebooks and model weights (or a frozen model), dead-code replacement kept identical on every
-process, codebook metrics in the logs, and checkpoints that hold the base weights
-(``save_pretrained``) and the codebooks with their statistics (``save_codebooks``), so that an
-interrupted run resumes where it stopped.
-"""
+codebooks and model weights (or a frozen model), one learning-rate schedule for both, dead-code
+replacement kept identical on every process, codebook metrics in the logs, evaluation with and
+without codebooks, and checkpoints that hold the base weights (``save_pretrained``) and the
+codebooks with their statistics (``save_codebooks``), so that an interrupted run resumes where
+it stopped."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,34 @@ class CodebookTrainer(Trainer):
             self._mse_sum = 0.0
             self._mse_n = 0
         super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss, accuracy and perplexity with and without codebooks, and every site's MSE,
+        FVU, dead fraction and usage entropy (:func:`~codebook_features.evaluate.
+        evaluate_codebooks`), logged as ``eval_loss``, ``eval_without_codebooks_loss``,
+        ``eval_<site>/fvu``, ... The evaluation set is an in-memory dataset of packed rows."""
+        from .evaluate import evaluate_codebooks, flat_metrics
+
+        ds = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(ds, dict):
+            metrics: dict[str, float] = {}
+            for name, part in ds.items():
+                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        if ds is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        self._memory_tracker.start()
+        start = time.time()
+        result = evaluate_codebooks(self.codebook_model, ds,
+                                    batch_size=self.args.per_device_eval_batch_size)
+        metrics = flat_metrics(result, metric_key_prefix)
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
+                                                         metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
 
     # Checkpoints: base weights with save_pretrained, codebooks (with statistics) beside them.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
