@@ -80,3 +80,7 @@ def _search(args: argparse.Namespace) -> int:
         index.close()
     print(json.dumps(out, indent=1, default=str))
     return 0
+
+
+# `codebook-features browse` (the code browser) registers itself on import.
+from ..browser import commands as _browse_command  # noqa: E402, F401

@@ -6,6 +6,14 @@ Layout of an index folder (one shard per ``shard_tokens`` tokens, whole document
     shard-00000.tokens.parquet       doc, pos, token_id, token, start, end (one row per token)
     shard-00000.codes.parquet        doc, pos, site, grp, slot, code, score (one row per code)
     shard-00000.docs.parquet         doc, text
+    shard-00000.grid.npy             int32 (tokens, slots): every token's codes, row = token
+                                     in (doc, pos) order, columns = (site, grp, slot)
+    shard-00000.counts.npy           int64 (sum over sites of groups * num_codes): how many
+                                     tokens each (site, grp, code) fires on
+
+The grid and the counts are what the browser's interactive queries read: the codes at a token
+are one row of a memory-mapped array, and a regex's hits are a ``bincount`` over the rows of
+the matching tokens; nothing is loaded into memory whole.
 
 The code table is "exploded" (one row per token, site, group and slot): every query is a
 plain filter or GROUP BY on flat integer columns (no list unnesting), and each shard is sorted
@@ -32,13 +40,26 @@ from ..io import read_json, write_json
 
 META_NAME = "meta.json"
 FORMAT = "codebook-features/code-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("tokens", "codes", "docs")
+ARRAYS = ("grid", "counts")
 
 
 def shard_file(shard: int, kind: str) -> str:
-    """File name of one table (``tokens``, ``codes`` or ``docs``) of shard ``shard``."""
-    return f"shard-{shard:05d}.{kind}.parquet"
+    """File name of one table (``tokens``, ``codes`` or ``docs``) or array (``grid``,
+    ``counts``) of shard ``shard``."""
+    ext = "npy" if kind in ARRAYS else "parquet"
+    return f"shard-{shard:05d}.{kind}.{ext}"
+
+
+def grid_columns(sites: Sequence[dict[str, Any]]) -> list[int]:
+    """First grid column of each site (sites in index order), plus the total width."""
+    return np.cumsum([0] + [s["groups"] * s["k"] for s in sites]).tolist()
+
+
+def count_offsets(sites: Sequence[dict[str, Any]]) -> list[int]:
+    """First entry of each site in a counts array (sites in index order), plus its length."""
+    return np.cumsum([0] + [s["groups"] * s["num_codes"] for s in sites]).tolist()
 
 
 def site_infos(model: Any) -> list[dict[str, Any]]:
@@ -95,6 +116,13 @@ def _text_batches(texts: Any, text_column: str, size: int) -> Iterator[list[str]
         yield chunk
 
 
+def _write_npy(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
 def _write_parquet(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -120,7 +148,8 @@ class _Shard:
 
 def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
                 shard_tokens: int = 100_000, batch_size: int = 8, max_length: int | None = None,
-                text_column: str = "text", sites: Sequence[str] | None = None) -> Path:
+                text_column: str = "text", sites: Sequence[str] | None = None,
+                codebooks: str | os.PathLike | None = None) -> Path:
     """Run ``model`` (a CodebookModel) over ``texts`` and write a code index into ``path``.
 
     ``texts``: a list of strings or a ``datasets.Dataset`` with ``text_column``. Every text
@@ -129,7 +158,9 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
     and the model's limit). Documents are run ``batch_size`` at a time, right-padded. A shard
     is closed after the first batch that brings it to ``shard_tokens`` tokens, so memory stays
     bounded. Rerunning with
-    the same arguments resumes: shards listed in ``meta.json`` are skipped. Returns the path.
+    the same arguments resumes: shards listed in ``meta.json`` are skipped. ``codebooks``:
+    the folder the model's codebooks were loaded from, recorded so that tools (the browser)
+    can load the model again. Returns the path.
     """
     import pyarrow as pa
 
@@ -167,6 +198,8 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
         "sites": all_sites, "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
         "settings": settings, "shards": [], "complete": False,
     }
+    if codebooks is not None:
+        meta["codebooks"] = str(Path(codebooks).resolve())
     meta_path = path / META_NAME
     if meta_path.exists():
         old = read_json(meta_path)
@@ -182,13 +215,17 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
     done = {s["id"]: s for s in meta["shards"]}
 
     site_index = {s["name"]: i for i, s in enumerate(meta["sites"])}
+    cols = np.asarray(grid_columns(meta["sites"]), np.int64)
+    cnt_off = np.asarray(count_offsets(meta["sites"]), np.int64)
+    slots = np.asarray([s["k"] for s in meta["sites"]], np.int64)
+    ncodes = np.asarray([s["num_codes"] for s in meta["sites"]], np.int64)
     layers = [(site_index[s["name"]], model.site(s["name"])) for s in all_sites]
     device = next(iter(model.parameters())).device
     was_training = model.training
     model.eval()
 
     def flush(shard: _Shard, sid: int) -> None:
-        files = {k: shard_file(sid, k) for k in KINDS}
+        files = {k: shard_file(sid, k) for k in (*KINDS, *ARRAYS)}
         info = {"id": sid, "first_doc": shard.docs[0], "end_doc": shard.docs[-1] + 1,
                 "tokens": shard.tokens, "files": files}
         old = done.get(sid)
@@ -206,6 +243,16 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
             "start": tok["start"].astype(np.int32), "end": tok["end"].astype(np.int32)}),
             path / files["tokens"])
         c = {k: np.concatenate(v) for k, v in shard.codes.items()}
+        # Grid: row = the token's row in the tokens table, column = (site, grp, slot).
+        first_row = np.cumsum(np.concatenate([[0], np.bincount(tok["doc"] - shard.docs[0])]))
+        row = first_row[c["doc"] - shard.docs[0]] + c["pos"]
+        grid = np.full((shard.tokens, int(cols[-1])), -1, np.int32)
+        grid[row, cols[c["site"]] + c["grp"] * slots[c["site"]] + c["slot"]] = c["code"]
+        _write_npy(grid, path / files["grid"])
+        counts = np.bincount(cnt_off[c["site"]] + c["grp"] * ncodes[c["site"]] + c["code"],
+                             minlength=int(cnt_off[-1]))
+        _write_npy(counts.astype(np.int64), path / files["counts"])
+        del grid
         order = np.lexsort((c["pos"], c["doc"], c["code"], c["grp"], c["site"]))
         score = c["score"][order].astype(np.float32)  # NaN (slots added by interventions): null
         _write_parquet(pa.table({
@@ -283,17 +330,23 @@ def _run_batch(model: Any, layers: list[tuple[int, Any]], ids_list: list[list[in
         codes = codes.reshape(len(ids_list), width, *codes.shape[-2:]).cpu().numpy()
         scores = scores.reshape(len(ids_list), width, *scores.shape[-2:]).float().cpu().numpy()
         g, k = codes.shape[-2:]
+        if k != layer.config.k:
+            raise CodebookError(f"build_index: site {layer.config.name} chose {k} codes per "
+                                f"group, its k is {layer.config.k}; clear the interventions "
+                                "that add codes (model.clear_interventions()) before indexing")
         if scores.shape[-1] != k:  # interventions appended slots: no scores for those
             pad = np.full((*scores.shape[:-1], k - scores.shape[-1]), np.nan, np.float32)
             scores = np.concatenate([scores, pad], -1)
         for i, r in enumerate(ids_list):
             n = len(r)
-            pos, grp, slot = np.meshgrid(np.arange(n), np.arange(g), np.arange(k),
-                                         indexing="ij")
-            shard.codes["doc"].append(np.full(n * g * k, doc0 + i))
+            # Narrow dtypes: a shard holds tokens * sum(groups * k) rows.
+            pos, grp, slot = np.meshgrid(np.arange(n, dtype=np.int32),
+                                         np.arange(g, dtype=np.int16),
+                                         np.arange(k, dtype=np.int16), indexing="ij")
+            shard.codes["doc"].append(np.full(n * g * k, doc0 + i, np.int64))
             shard.codes["pos"].append(pos.reshape(-1))
-            shard.codes["site"].append(np.full(n * g * k, site))
+            shard.codes["site"].append(np.full(n * g * k, site, np.int16))
             shard.codes["grp"].append(grp.reshape(-1))
             shard.codes["slot"].append(slot.reshape(-1))
-            shard.codes["code"].append(codes[i, :n].reshape(-1))
-            shard.codes["score"].append(scores[i, :n].reshape(-1))
+            shard.codes["code"].append(codes[i, :n].reshape(-1).astype(np.int32))
+            shard.codes["score"].append(scores[i, :n].reshape(-1).astype(np.float32))

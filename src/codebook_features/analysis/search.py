@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CodebookError
 from ..io import read_json
-from .index import FORMAT, META_NAME, check_model
+from .index import FORMAT, FORMAT_VERSION, META_NAME, check_model, count_offsets, grid_columns
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class CodeIndex:
         self.model = model
         self.sites: list[str] = [s["name"] for s in meta["sites"]]
         self.con = duckdb.connect()
+        self._cols = grid_columns(meta["sites"])
+        self._offs = count_offsets(meta["sites"])
+        self._shard_rows = np.cumsum([0] + [sh["tokens"] for sh in meta["shards"]])
+        self._grids: list[np.ndarray] | None = None
+        self._doc_rows: np.ndarray | None = None
+        self._counts: np.ndarray | None = None
         for kind in ("tokens", "codes", "docs"):
             files = ", ".join("'" + str(path / s["files"][kind]).replace("'", "''") + "'"
                               for s in meta["shards"])
@@ -90,6 +96,11 @@ class CodeIndex:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CodebookError(f"{meta_path}: not a code index meta file; build the index "
                                 "with build_index")
+        if meta.get("version") != FORMAT_VERSION:
+            raise CodebookError(f"{path}: the code index has format version "
+                                f"{meta.get('version')}, this codebook-features reads version "
+                                f"{FORMAT_VERSION}; rebuild it with build_index into a new "
+                                "folder")
         if not meta.get("complete"):
             raise CodebookError(f"{path}: the code index is incomplete ({len(meta['shards'])} "
                                 "shard(s) done); rerun build_index with the same arguments "
@@ -198,22 +209,110 @@ class CodeIndex:
     def codes_at(self, doc: int, position: int) -> dict[str, list[list[int]]]:
         """Codes at token ``position`` of document ``doc``: site -> per group, the k codes in
         slot order."""
-        shard = next((s for s in self.meta["shards"]
-                      if s["first_doc"] <= int(doc) < s["end_doc"]), None)
-        if shard is None:
+        if not 0 <= int(doc) < self.num_docs:
             raise CodebookError(f"document {doc} is not in the index (0..{self.num_docs - 1})")
-        f = str(self.path / shard["files"]["codes"]).replace("'", "''")
-        rows = self._rows(f"SELECT site, grp, code FROM read_parquet('{f}') WHERE doc = ? "
-                          "AND pos = ? ORDER BY site, grp, slot", [int(doc), int(position)])
-        if not rows:
+        lo, hi = self.doc_rows[int(doc)], self.doc_rows[int(doc) + 1]
+        if not 0 <= int(position) < hi - lo:
             raise CodebookError(f"position {position} is not in document {doc}; pick one "
-                                "below the document's token count")
+                                f"below the document's token count ({hi - lo})")
+        row = self.grid_rows(np.asarray([lo + int(position)]))[0]
         out: dict[str, list[list[int]]] = {}
         for i, info in enumerate(self.meta["sites"]):
-            out[info["name"]] = [[] for _ in range(info["groups"])]
-            for site, grp, code in rows:
-                if site == i:
-                    out[info["name"]][grp].append(int(code))
+            g, k = info["groups"], info["k"]
+            out[info["name"]] = row[self._cols[i]:self._cols[i + 1]].reshape(g, k).tolist()
+        return out
+
+    # ---------------------------------------------------- token rows and the grid
+    @property
+    def doc_rows(self) -> np.ndarray:
+        """int64 (num_docs + 1,): the global token row where each document starts (rows are
+        tokens in (doc, pos) order over the whole index), then the total."""
+        if self._doc_rows is None:
+            counts = np.zeros(self.num_docs, np.int64)
+            got = self.con.execute("SELECT doc, count(*) AS n FROM tokens GROUP BY doc"
+                                   ).fetchnumpy()
+            counts[np.asarray(got["doc"])] = np.asarray(got["n"])
+            self._doc_rows = np.concatenate([[0], np.cumsum(counts)])
+        return self._doc_rows
+
+    def rows_of(self, doc: Any, pos: Any) -> np.ndarray:
+        """Global token rows of (doc, pos) pairs (arrays)."""
+        return self.doc_rows[np.asarray(doc, np.int64)] + np.asarray(pos, np.int64)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """int64: how many tokens each (site, grp, code) fires on, all sites concatenated
+        (site ``i`` starts at ``count_offsets(meta['sites'])[i]``, then grp * num_codes)."""
+        if self._counts is None:
+            total = np.zeros(self._offs[-1], np.int64)
+            for sh in self.meta["shards"]:
+                total += np.load(self.path / sh["files"]["counts"])
+            self._counts = total
+        return self._counts
+
+    def grid_rows(self, rows: np.ndarray, site: str | None = None) -> np.ndarray:
+        """Codes at global token ``rows`` (int array): int32 (len(rows), width), width = all
+        sites' groups * k in site order, or only ``site``'s (groups * k, group-major)."""
+        if self._grids is None:
+            self._grids = [np.load(self.path / sh["files"]["grid"], mmap_mode="r")
+                           for sh in self.meta["shards"]]
+        lo, hi = 0, self._cols[-1]
+        if site is not None:
+            i = self._site(site)[0]
+            lo, hi = self._cols[i], self._cols[i + 1]
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), hi - lo), np.int32)
+        shard = np.searchsorted(self._shard_rows, rows, side="right") - 1
+        for sh in np.unique(shard):
+            sel = shard == sh
+            out[sel] = self._grids[sh][rows[sel] - self._shard_rows[sh], lo:hi]
+        return out
+
+    def score_rows(self, site: str, rows: np.ndarray, min_hits: int = 1) -> list[CodeMatch]:
+        """Every code of ``site`` scored against a set of positive token ``rows`` (global,
+        distinct): precision = hits / fired, recall = hits / len(rows); codes with at least
+        ``min_hits`` hits, sorted by precision, recall (descending), group, code."""
+        i, info = self._site(site)
+        rows = np.unique(np.asarray(rows, np.int64))
+        if len(rows) == 0:
+            return []
+        nc, k = info["num_codes"], info["k"]
+        codes = self.grid_rows(rows, site).astype(np.int64)  # (P, groups * k)
+        grp = np.repeat(np.arange(info["groups"]), k)
+        hits = np.bincount((grp * nc + codes).reshape(-1), minlength=info["groups"] * nc)
+        fired = self.counts[self._offs[i]:self._offs[i + 1]]
+        keep = np.flatnonzero(hits >= max(int(min_hits), 1))
+        h, f = hits[keep], fired[keep]
+        prec, rec = h / f, h / len(rows)
+        order = np.lexsort((keep, -rec, -prec))  # keep = grp * nc + code: group, then code
+        return [CodeMatch(int(keep[j] // nc), int(keep[j] % nc), float(prec[j]), float(rec[j]),
+                          int(f[j]), int(h[j])) for j in order]
+
+    def windows(self, at: list[tuple[int, int]], window: int = 8) -> list[list[dict[str, Any]]]:
+        """For each ``(doc, position)``: the tokens from ``position - window`` to ``position +
+        window`` of the document as ``{"pos", "text"}``, ``text`` running from the previous
+        token's end to this token's end (so the pieces joined give the text, whitespace
+        included); a token without characters (e.g. BOS) gets its token string."""
+        if int(window) < 0:
+            raise CodebookError(f"windows(window={window}): need window >= 0")
+        texts = self._doc_texts([d for d, _ in at])
+        out = []
+        for doc, pos in at:
+            if doc not in texts:
+                raise CodebookError(f"document {doc} is not in the index "
+                                    f"(0..{self.num_docs - 1})")
+            lo = max(int(pos) - int(window), 0)
+            rows = self._rows("SELECT pos, start, \"end\", token FROM tokens WHERE doc = ? "
+                              "AND pos >= ? AND pos <= ? ORDER BY pos",
+                              [int(doc), max(lo - 1, 0), int(pos) + int(window)])
+            text, prev, pieces = texts[doc], None, []
+            for p, start, end, token in rows:
+                if p >= lo:
+                    a = start if prev is None else min(prev, start)
+                    pieces.append({"pos": int(p),
+                                   "text": text[a:end] if end > start else token})
+                prev = end if end > start else prev
+            out.append(pieces)
         return out
 
     def tokens(self) -> Any:
@@ -222,13 +321,21 @@ class CodeIndex:
         rel = self.con.sql("SELECT * FROM tokens ORDER BY doc, pos")
         return (getattr(rel, "to_arrow_table", None) or rel.arrow)()  # duckdb 2 / 1
 
-    def neuron_activations(self, model: Any, tokenizer: Any, site: str, batch_size: int = 8
-                           ) -> torch.Tensor:
+    def neuron_activations(self, model: Any, tokenizer: Any, site: str, batch_size: int = 8,
+                           max_tokens: int | None = None) -> torch.Tensor:
         """The activations entering ``site``'s codebook (the site's neurons) on every indexed
         token: float32 ``(num_tokens, dim)`` in :meth:`tokens` order, for ``regex_search``'s
-        ``neurons``. Runs ``model`` (the index's model) over the stored texts again."""
+        ``neurons``. Runs ``model`` (the index's model) over the stored texts again.
+        ``max_tokens``: only the first documents, as many as hold at least that many tokens
+        in all (a sample for a quick neuron baseline)."""
         check_model(self.meta, model, self.path)
         self._site(site)
+        ndocs = self.num_docs
+        if max_tokens is not None:
+            ndocs = min(int(np.searchsorted(self.doc_rows, int(max_tokens), side="left")),
+                        self.num_docs)
+            ndocs = max(ndocs, 1)
+        want = int(self.doc_rows[ndocs])
         layer = model.site(site)
         max_length = int(self.meta["settings"]["max_length"])
         device = next(iter(model.parameters())).device
@@ -239,9 +346,12 @@ class CodeIndex:
         try:
             with torch.no_grad():
                 for shard in self.meta["shards"]:
+                    if shard["first_doc"] >= ndocs:
+                        break
                     f = str(self.path / shard["files"]["docs"]).replace("'", "''")
                     texts = [t for (t,) in self._rows(
-                        f"SELECT text FROM read_parquet('{f}') ORDER BY doc")]
+                        f"SELECT text FROM read_parquet('{f}') WHERE doc < ? ORDER BY doc",
+                        [ndocs])]
                     for i in range(0, len(texts), batch_size):
                         ids = tokenizer(texts[i:i + batch_size], truncation=True,
                                         max_length=max_length)["input_ids"]
@@ -259,10 +369,10 @@ class CodeIndex:
             layer.recorded = None
             model.train(was_training)
         out = torch.cat(rows) if rows else torch.zeros(0, layer.config.dim)
-        if out.shape[0] != self.num_tokens:
+        if out.shape[0] != want:
             raise CodebookError(f"neuron_activations: the tokenizer gives {out.shape[0]} tokens "
-                                f"but the index holds {self.num_tokens}; pass the tokenizer "
-                                "the index was built with")
+                                f"but the index holds {want}; pass the tokenizer the index "
+                                "was built with")
         return out
 
     def regex_positions(self, pattern: str | re.Pattern[str]) -> Any:
@@ -316,45 +426,57 @@ class CodeIndex:
         |F ∩ P| / |F|, recall = |F ∩ P| / |P|. Codes with at least ``min_hits`` hits are
         returned sorted by precision, then recall (descending), then group and code; the first
         ``n`` if given. ``neurons``: optional activations of shape (num_tokens, num_neurons)
-        in :meth:`tokens` order; then each match also gets the best neuron's precision when
-        the neuron is thresholded to fire on the fewest top-activation tokens that reach the
-        code's recall (ties in activation are broken by token order).
+        in :meth:`tokens` order (or only the rows of the index's first documents, as
+        ``neuron_activations(max_tokens=)`` gives); then each match also gets the best neuron's
+        precision on those tokens when the neuron is thresholded to fire on the fewest
+        top-activation tokens that reach the code's recall (ties in activation are broken by
+        token order).
         """
-        s, _ = self._site(site)
+        self._site(site)
         pos_table = self.regex_positions(pattern)
-        total = pos_table.num_rows
-        if total == 0:
-            return []
-        self.con.register("regex_pos", pos_table)
-        try:
-            rows = self._rows(
-                "SELECT c.grp, c.code, count(*) AS fired, count(p.doc) AS hits "
-                "FROM codes c LEFT JOIN regex_pos p ON p.doc = c.doc AND p.pos = c.pos "
-                "WHERE c.site = ? GROUP BY c.grp, c.code HAVING count(p.doc) >= ?",
-                [s, max(int(min_hits), 1)])
-        finally:
-            self.con.unregister("regex_pos")
-        matches = [CodeMatch(int(g), int(c), h / f, h / total, int(f), int(h))
-                   for g, c, f, h in rows]
-        matches.sort(key=lambda m: (-m.precision, -m.recall, m.group, m.code))
+        rows = self.rows_of(pos_table.column("doc").to_numpy(), pos_table.column("pos").to_numpy())
+        matches = self.score_rows(site, rows, min_hits)
         if n is not None:
             matches = matches[:n]
         if neurons is not None and matches:
-            mask = self._positive_mask(pos_table)
-            best = best_neuron_precision(neurons, mask, [m.recall for m in matches])
-            matches = [CodeMatch(m.group, m.code, m.precision, m.recall, m.fired, m.hits, b)
-                       for m, b in zip(matches, best, strict=True)]
+            matches = self._with_neurons(matches, rows, neurons)
         return matches
 
-    def _positive_mask(self, pos_table: Any) -> np.ndarray:
-        self.con.register("regex_pos", pos_table)
-        try:
-            out = self.con.execute(
-                "SELECT p.doc IS NOT NULL AS hit FROM tokens t LEFT JOIN regex_pos p "
-                "ON p.doc = t.doc AND p.pos = t.pos ORDER BY t.doc, t.pos").fetchnumpy()
-        finally:
-            self.con.unregister("regex_pos")
-        return np.asarray(out["hit"], dtype=bool)
+    def token_search(self, token: str, site: str, n: int | None = None, min_hits: int = 1,
+                     neurons: Any = None) -> list[CodeMatch]:
+        """Codes of ``site`` scored, as in :meth:`regex_search`, against the positions of a
+        token: tokens whose text equals ``token`` once both are stripped of surrounding
+        whitespace (so ``"dragon"`` finds ``" dragon"``)."""
+        self._site(site)
+        want = str(token).strip()
+        if not want:
+            raise CodebookError("token_search: the token is empty; type a token's text")
+        got = self.con.execute("SELECT doc, pos FROM tokens WHERE trim(token) = ?",
+                               [want]).fetchnumpy()
+        rows = self.rows_of(got["doc"], got["pos"])
+        matches = self.score_rows(site, rows, min_hits)
+        if n is not None:
+            matches = matches[:n]
+        if neurons is not None and matches:
+            matches = self._with_neurons(matches, rows, neurons)
+        return matches
+
+    def _with_neurons(self, matches: list[CodeMatch], rows: np.ndarray, neurons: Any
+                      ) -> list[CodeMatch]:
+        """Add the best neuron's precision at each match's recall. ``neurons`` covers the
+        first documents of the index (all tokens of each, in :meth:`tokens` order)."""
+        m = int(neurons.shape[0]) if hasattr(neurons, "shape") and len(neurons.shape) == 2 \
+            else -1
+        if m != self.num_tokens and m not in set(self.doc_rows.tolist()):
+            raise CodebookError(f"neurons of shape {tuple(getattr(neurons, 'shape', ()))} do "
+                                f"not match the index: need (num_tokens={self.num_tokens}, "
+                                "num_neurons), or the rows of its first documents")
+        mask = np.zeros(m, dtype=bool)
+        rows = np.asarray(rows, np.int64)
+        mask[rows[rows < m]] = True
+        best = best_neuron_precision(neurons, mask, [mt.recall for mt in matches])
+        return [CodeMatch(mt.group, mt.code, mt.precision, mt.recall, mt.fired, mt.hits, b)
+                for mt, b in zip(matches, best, strict=True)]
 
     def topic_codes(self, site: str, min_share: float = 0.5, group: int | None = None
                     ) -> dict[int, list[tuple[int, int, float]]]:
@@ -438,9 +560,9 @@ def best_neuron_precision(acts: Any, positive: np.ndarray, recalls: list[float]
         return [0.0 for _ in recalls]
     order = np.argsort(-a, axis=0, kind="stable")
     cum = np.cumsum(positive[order], axis=0)  # (T, N): hits among the top m+1
-    best = []
-    for r in recalls:
-        need = max(int(np.ceil(r * total - 1e-9)), 1)
-        m = np.argmax(cum >= need, axis=0)  # first index reaching it (always reached)
-        best.append(float((need / (m + 1)).max()))
-    return best
+    need = np.maximum(np.ceil(np.asarray(recalls, np.float64) * total - 1e-9), 1).astype(int)
+    best = np.zeros(len(need))
+    for j in range(a.shape[1]):  # cum[:, j] is sorted: the first m reaching `need` hits
+        m = np.searchsorted(cum[:, j], need, side="left")
+        best = np.maximum(best, need / (m + 1))
+    return [float(b) for b in best]
