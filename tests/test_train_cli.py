@@ -80,6 +80,17 @@ def test_cli_runs(workload, tmp_path):
     (["data.text_column=body"], None),
     (["model=/nonexistent/model"], "cannot load model '/nonexistent/model'"),
     (["codebooks.k=100"], "k=100 must be between 1 and num_codes=64"),
+    (["data.streaming=true", "training.max_steps=-1"], "data.streaming needs training.max_steps"),
+    (["training.gradient_accumulation_steps=0"],
+     r"training.gradient_accumulation_steps=0: must be at least 1"),
+    (["training.codebook_learning_rate=-1"], "codebook_learning_rate=-1.0: must be at least 0"),
+    (["training.max_steps=0"], "max_steps=0: give a positive number"),
+    (["training.fp16=true"], "training.fp16 needs a GPU .* use training.bf16=true"),
+    (["training.report_to=[tensorbored]"], r"report_to: unknown \['tensorbored'\]"),
+    (["training.lr_scheduler_type=warmup_stable_decay"],
+     "lr_scheduler_type=warmup_stable_decay with lr_scheduler_kwargs={}: .*num_decay_steps"),
+    (["training.lr_scheduler_type=sometimes"], "training: sometimes is not a valid SchedulerType"),
+    (["data.shuffle_buffer=10"], "data.shuffle_buffer is for data.streaming"),
 ])
 def test_bad_configs_fail_before_work(workload, extra, match):
     d, corpus = workload
@@ -155,3 +166,52 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     (bad / "trainer_state.json").write_text('{"trunc')  # killed mid-write
     assert last_complete_checkpoint(tmp_path) == str(good)
     assert last_complete_checkpoint(tmp_path / "absent") is None
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``run_dir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(run_dir.glob("runs/*/events.out.tfevents.*"))
+    assert files, f"no TensorBoard event files under {run_dir}/runs"
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def test_streaming_run_with_eval_during_training_and_tensorboard(workload, tmp_path):
+    d, corpus = workload
+    out = tmp_path / "stream"
+    cfg = load_config(CONFIG, overrides(
+        d, corpus, f"training.output_dir={out}", "data.streaming=true", "data.max_eval_rows=8",
+        "training.eval_strategy=steps", "training.eval_steps=2"))
+    metrics = run_training(cfg)
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    site = "layers.0.attn_heads"
+    for h in evals:
+        for key in ("loss", "accuracy", "perplexity"):
+            assert f"eval_{key}" in h and f"eval_without_codebooks_{key}" in h
+        assert h["eval_perplexity"] == pytest.approx(math.exp(h["eval_loss"]))
+        assert h["eval_loss"] != h["eval_without_codebooks_loss"]
+        assert 0 < h[f"eval_{site}/fvu"] and 0 <= h[f"eval_{site}/dead_fraction"] < 1
+        assert h[f"eval_{site}/mse"] > 0 and h[f"eval_{site}/usage_entropy"] > 0
+        assert h["eval_tokens"] == 8 * 31  # the 8 held-out rows of 32 tokens, 31 scored each
+    # The evaluation at the last step saw the final model on the same rows as the final one.
+    assert evals[-1]["eval_loss"] == pytest.approx(metrics["with_codebooks"]["loss"], rel=1e-6)
+    assert evals[-1]["eval_without_codebooks_loss"] == pytest.approx(
+        metrics["without_codebooks"]["loss"], rel=1e-6)
+    assert metrics["sites"][site]["fvu"] > 0
+
+    # TensorBoard (the CLI's default report_to) has the training and evaluation scalars.
+    scalars = _scalars(out)
+    train_logs = [h for h in history if "codebook_mse" in h]
+    assert [v for _, v in scalars["train/codebook_mse"]] == pytest.approx(
+        [h["codebook_mse"] for h in train_logs])
+    assert [s for s, _ in scalars["eval/without_codebooks_loss"]] == [2, 4]
+    assert scalars[f"eval/{site}/fvu"][-1][1] == pytest.approx(evals[-1][f"eval_{site}/fvu"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from datasets import Dataset
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, TrainerCallback, default_data_collator
@@ -116,3 +119,145 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], msg=k)
+
+
+class RecordLR(TrainerCallback):
+    """The learning rate of every optimizer group used by each update."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+        return control
+
+
+def test_warmup_stable_decay_schedule_moves_both_learning_rates(tmp_path):
+    rec = RecordLR()
+    targs = args(tmp_path, max_steps=10, warmup_steps=3, dead_code_interval=0,
+                 lr_scheduler_type="warmup_stable_decay",
+                 lr_scheduler_kwargs={"num_decay_steps": 4, "decay_type": "linear"})
+    trainer = CodebookTrainer(make_model(), targs, train_dataset=make_data(),
+                              data_collator=default_data_collator, callbacks=[rec])
+    trainer.train()
+
+    def factor(step: int) -> float:  # linear warmup over 3, stable for 3, linear decay over 4
+        if step < 3:
+            return step / 3
+        return 1.0 if step < 6 else (10 - step) / 4
+
+    # Groups: codebooks (1e-2), then model weights with and without weight decay (1e-3).
+    want = [[1e-2 * factor(s), 1e-3 * factor(s), 1e-3 * factor(s)] for s in range(10)]
+    assert len(rec.lrs) == 10
+    for s, (got, exp) in enumerate(zip(rec.lrs, want, strict=True)):
+        assert got == pytest.approx(exp, rel=1e-9, abs=1e-15), f"step {s}"
+
+
+def test_evaluate_matches_naive_loss_accuracy_and_code_usage(tmp_path):
+    import torch.nn.functional as F
+
+    model = make_model()
+    data = make_data()
+    eval_ds = make_data(40).select(range(24, 40))  # rows not trained on
+    trainer = CodebookTrainer(model, args(tmp_path, max_steps=2), train_dataset=data,
+                              eval_dataset=eval_ds, data_collator=default_data_collator)
+    trainer.train()
+    before = state(model)
+    recent = {n: layer._recent.clone() for n, layer in model.sites.items()}
+    model.train()
+    metrics = trainer.evaluate()
+
+    # Evaluation leaves the model as it was: mode, parameters, statistics, dead-code rows.
+    assert model.training
+    after = state(model)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    for n, layer in model.sites.items():
+        assert torch.equal(layer._recent, recent[n]), n
+
+    ids = torch.tensor(eval_ds["input_ids"])
+    model.eval()
+
+    def naive() -> tuple[float, float]:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        y = ids[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return float(loss), float((logits.argmax(-1) == y).float().mean())
+
+    loss, acc = naive()
+    used = {n: torch.zeros(layer.config.groups, layer.config.num_codes, dtype=torch.bool)
+            for n, layer in model.sites.items()}
+    for n, layer in model.sites.items():
+        codes = layer.last_codes.reshape(-1, layer.config.groups, layer.config.k)
+        for g in range(layer.config.groups):
+            used[n][g, codes[:, g].unique()] = True
+        assert metrics[f"eval_{n}/mse"] == pytest.approx(float(layer.last_mse), rel=1e-4)
+        assert metrics[f"eval_{n}/dead_fraction"] == pytest.approx(
+            1 - used[n].float().mean().item())
+    with model.codebooks_disabled():
+        loss0, acc0 = naive()
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["eval_accuracy"] == pytest.approx(acc)
+    assert metrics["eval_without_codebooks_loss"] == pytest.approx(loss0, rel=1e-5)
+    assert metrics["eval_without_codebooks_accuracy"] == pytest.approx(acc0)
+    assert abs(loss - loss0) > 1e-4  # the two variants really differ
+    logged = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert logged and logged[-1]["eval_without_codebooks_loss"] == metrics[
+        "eval_without_codebooks_loss"]
+
+
+BF16_LOSS_RTOL = 2e-3
+"""bf16 keeps 8 significant bits (relative step 2**-8 = 0.4%); on these models the loss under
+bf16 autocast differed from float32 by at most 1.6e-4 relative, codebook gradients by 4% (norm)."""
+
+
+def test_bf16_autocast_step_is_finite_and_close_to_float32():
+    data = make_data()
+    batch = default_data_collator([data[i] for i in range(32)])
+    model = make_model()
+    model.train()
+    out = model(**batch)
+    out.loss.backward()
+    loss32 = float(out.loss.detach())
+    grads32 = [p.grad.clone() for p in model.codebook_parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert float(out.loss.detach()) == pytest.approx(loss32, rel=BF16_LOSS_RTOL)
+    for p, g32 in zip(model.codebook_parameters(), grads32, strict=True):
+        assert p.dtype == torch.float32 and p.grad is not None
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        assert float((p.grad - g32).norm() / g32.norm()) < 0.1
+
+
+def test_bf16_training_on_cpu_tracks_float32(tmp_path):
+    runs = {}
+    for bf16 in (False, True):
+        model = make_model()
+        trainer = CodebookTrainer(model, args(tmp_path / str(bf16), bf16=bf16, max_steps=8),
+                                  train_dataset=make_data(), data_collator=default_data_collator)
+        trainer.train()
+        runs[bf16] = [h for h in trainer.state.log_history if "loss" in h]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert [h["step"] for h in runs[True]] == [2, 4, 6, 8]
+    for h32, h16 in zip(runs[False], runs[True], strict=True):
+        assert math.isfinite(h16["loss"]) and h16["codebook_mse"] > 0
+        assert h16["loss"] == pytest.approx(h32["loss"], rel=1e-2)
+        assert h16["codebook_mse"] == pytest.approx(h32["codebook_mse"], rel=0.1)
+
+
+@pytest.mark.xfail(strict=True, reason="codebook.py searches under the caller's autocast: on "
+                   "CPU bf16 the similarity matmul runs in bf16 and ~9% of chosen codes differ "
+                   "from float32 (fix: disable autocast inside CodebookLayer.forward)")
+def test_codebook_search_ignores_autocast():
+    model = make_model()
+    layer = next(iter(model.sites.values()))
+    a = torch.randn(512, layer.config.dim, generator=torch.Generator().manual_seed(0))
+    x = layer.normalize(a).reshape(-1, layer.config.groups, layer.config.group_dim)
+    want = layer.search(x).codes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer.search(x).codes
+    assert torch.equal(got, want)

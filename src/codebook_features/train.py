@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +72,22 @@ class TrainConfig:
     """k-means-initialise the codebooks from this many training batches (0: random codes)."""
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    """Check ``value`` against the type of a field's default, converting CLI strings."""
-    typ = type(default)
+_SCALARS = {"bool": bool, "int": int, "float": float}
+
+
+def _scalar_type(f: dataclasses.Field) -> type | None:
+    """``bool``, ``int`` or ``float`` when the field holds one (or None), from its annotation
+    (``float | None``, ``Optional[int]``) or else its default's type; None otherwise."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)
+    t = re.sub(r"^(typing\.)?Optional\[(.*)\]$", r"\2", t.strip())
+    names = {p.strip() for p in t.split("|")} - {"None"}
+    if len(names) == 1 and (name := names.pop()) in _SCALARS:
+        return _SCALARS[name]
+    return type(f.default) if type(f.default) in (bool, int, float) else None
+
+
+def _coerce(value: Any, typ: type | None, where: str) -> Any:
+    """Check ``value`` against a field's scalar type, converting CLI strings."""
     if value is None or typ not in (bool, int, float):
         return value
     if typ is bool:
@@ -98,7 +112,7 @@ def _check_keys(given: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     unknown = sorted(set(given) - set(fields))
     if unknown:
         raise CodebookError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    return {k: _coerce(v, fields[k].default, f"{where}.{k}") for k, v in given.items()}
+    return {k: _coerce(v, _scalar_type(fields[k]), f"{where}.{k}") for k, v in given.items()}
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
@@ -210,7 +224,8 @@ def training_arguments(cfg: TrainConfig) -> Any:
                       num_warmup_steps=args.get_warmup_steps(steps), num_training_steps=steps,
                       scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
     except (TypeError, ValueError) as e:
-        raise CodebookError(f"training.lr_scheduler_type={args.lr_scheduler_type} with "
+        kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        raise CodebookError(f"training.lr_scheduler_type={kind} with "
                             f"lr_scheduler_kwargs={args.lr_scheduler_kwargs or {}}: "
                             f"{_first_line(e)}") from None
     return args
