@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,51 @@ def test_streaming_run_with_eval_during_training_and_tensorboard(workload, tmp_p
         [h["codebook_mse"] for h in train_logs])
     assert [s for s, _ in scalars["eval/without_codebooks_loss"]] == [2, 4]
     assert scalars[f"eval/{site}/fvu"][-1][1] == pytest.approx(evals[-1][f"eval_{site}/fvu"])
+
+
+def _no_wandb_login(monkeypatch, home: Path) -> None:
+    """No credentials and no mode, with every variable restored after the test."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_BASE_URL"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+
+
+def test_wandb_goes_offline_without_credentials(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from codebook_features.train import wandb_offline_unless_logged_in as offline
+
+    _no_wandb_login(monkeypatch, tmp_path)
+    assert offline(SimpleNamespace(report_to=["tensorboard"], output_dir=str(tmp_path))) is None
+    assert "WANDB_MODE" not in os.environ
+    args = SimpleNamespace(report_to=["wandb"], output_dir=str(tmp_path / "out"))
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert offline(args) is None and "WANDB_MODE" not in os.environ  # logged in via netrc
+    assert os.environ["WANDB_DIR"] == str((tmp_path / "out").resolve())
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert offline(args) is None and "WANDB_MODE" not in os.environ
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert offline(args) == "offline" and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert offline(args) is None and os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_wandb_run_without_network_logs_offline(workload, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    d, corpus = workload
+    _no_wandb_login(monkeypatch, tmp_path)
+    out = tmp_path / "wb"
+    args = overrides(d, corpus, f"training.output_dir={out}", "training.max_steps=2",
+                     "training.report_to=[wandb]", "kmeans_init_batches=0")
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "train", str(CONFIG),
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb: not logged in, logging offline" in proc.stderr
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    assert b"codebook_mse" in runs[0].read_bytes()
+    assert not list(out.glob("runs/*/events.out.tfevents.*"))  # report_to replaced the default
