@@ -353,3 +353,57 @@ def test_errors(setup, tmp_path):
         build_index(setup["model"], object(), ["x"], tmp_path / "c")
     with pytest.raises(CodebookError, match="list of strings"):
         build_index(setup["model"], tok, "just one string", tmp_path / "d")
+
+
+def test_token_search_and_windows(setup):
+    ref, index = setup["ref"], setup["index"]
+    for token in ("dragon", " the", "."):
+        want_pos = {(d, p) for d, r in enumerate(ref) for p, t in enumerate(r["tokens"])
+                    if t[1].strip() == token.strip()}
+        assert want_pos
+        fired, hits = Counter(), Counter()
+        for d, r in enumerate(ref):
+            for p, groups in enumerate(r["codes"][HEADS]):
+                for g, codes in enumerate(groups):
+                    for c in codes:
+                        fired[g, c] += 1
+                        hits[g, c] += (d, p) in want_pos
+        want = sorted(((hits[gc] / fired[gc], hits[gc] / len(want_pos), *gc)
+                       for gc in fired if hits[gc]), key=lambda x: (-x[0], -x[1], x[2], x[3]))
+        got = index.token_search(token, HEADS)
+        assert [(m.group, m.code) for m in got] == [(w[2], w[3]) for w in want]
+        assert [m.precision for m in got] == pytest.approx([w[0] for w in want])
+        assert [m.recall for m in got] == pytest.approx([w[1] for w in want])
+    with pytest.raises(CodebookError, match="empty"):
+        index.token_search("  ", HEADS)
+    # Windows: pieces joined give the document's text around the token.
+    for d, p in ((0, 0), (3, 5), (NUM_DOCS - 1, len(ref[NUM_DOCS - 1]["tokens"]) - 1)):
+        toks = ref[d]["tokens"]
+        (w,) = index.windows([(d, p)], window=4)
+        lo, hi = max(p - 4, 0), min(p + 4, len(toks) - 1)
+        assert [x["pos"] for x in w] == list(range(lo, hi + 1))
+        for x in w:
+            _, piece, s, e = toks[x["pos"]]
+            prev = [t[3] for t in toks[:x["pos"]] if t[3] > t[2]]
+            start = prev[-1] if prev and x["pos"] > lo else s
+            assert x["text"] == (ref[d]["text"][start:e] if e > s else piece)
+    with pytest.raises(CodebookError, match="not in the index"):
+        index.windows([(NUM_DOCS, 0)])
+
+
+def test_neuron_baseline_on_first_documents(setup):
+    ref, index, model, tok = setup["ref"], setup["index"], setup["model"], setup["tok"]
+    some = index.neuron_activations(model, tok, SITE, max_tokens=200)
+    ndocs = next(i for i in range(1, NUM_DOCS + 1)
+                 if sum(len(r["tokens"]) for r in ref[:i]) >= 200)
+    rows = sum(len(r["tokens"]) for r in ref[:ndocs])
+    full = index.neuron_activations(model, tok, SITE)
+    torch.testing.assert_close(some, full[:rows])
+    positives = _naive_positives(ref, PATTERN)
+    mask = np.array([(d, p) in positives for d, r in enumerate(ref)
+                     for p in range(len(r["tokens"]))])[:rows]
+    got = index.regex_search(PATTERN, SITE, n=4, neurons=some)
+    assert [m.neuron_precision for m in got] == pytest.approx(
+        best_neuron_precision(some, mask, [m.recall for m in got]))
+    with pytest.raises(CodebookError, match="neurons of shape"):
+        index.regex_search(PATTERN, SITE, neurons=some[:-1])
