@@ -264,3 +264,18 @@ def test_wandb_run_without_network_logs_offline(workload, tmp_path, monkeypatch)
     assert len(runs) == 1
     assert b"codebook_mse" in runs[0].read_bytes()
     assert not list(out.glob("runs/*/events.out.tfevents.*"))  # report_to replaced the default
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG.parent.glob("*.yaml")))
+def test_shipped_configs_load_and_their_arguments_check(name):
+    from codebook_features.train import training_arguments
+
+    extra = ["model=somewhere"] if name == CONFIG.name else []
+    cfg = load_config(CONFIG.parent / name, [*extra, "training.use_cpu=true"])
+    args = training_arguments(cfg)
+    assert args.max_steps > 0 and args.report_to == ["tensorboard"]
+    # The cooldown variant the TinyStories config describes is accepted as written there.
+    cfg = load_config(CONFIG.parent / name, [
+        *extra, "training.use_cpu=true", "training.lr_scheduler_type=warmup_stable_decay",
+        "training.lr_scheduler_kwargs={num_decay_steps: 3000, decay_type: linear}"])
+    assert training_arguments(cfg).lr_scheduler_kwargs["num_decay_steps"] == 3000
