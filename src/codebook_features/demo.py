@@ -450,16 +450,25 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
                                   finetune_steps=10, attn_codes=64, mlp_codes=64, ks=(1, 2),
                                   eval_sequences=10, analysis_sequences=64,
                                   intervention_pairs=10)
-    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
-    for item in args.set:
+    return apply_overrides(cfg, args.set, frozen=("variants",))
+
+
+def apply_overrides(cfg: Any, items: list[str], frozen: tuple[str, ...] = ()) -> Any:
+    """``cfg`` (a dataclass) with ``KEY=VALUE`` settings applied; a tuple field takes
+    comma-separated values of its elements' type."""
+    fields = {f.name for f in dataclasses.fields(cfg)} - set(frozen)
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields or key == "variants":
+        if not sep or key not in fields:
             raise CodebookError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
-                                f"{sorted(set(fields) - {'variants'})}")
+                                f"{sorted(fields)}")
         current = getattr(cfg, key)
         try:
             if isinstance(current, tuple):
-                parsed: Any = tuple(int(v) for v in value.split(","))
+                kind = type(current[0]) if current else str
+                parsed: Any = tuple(kind(v) for v in value.split(",") if v)
+            elif isinstance(current, bool):
+                parsed = value.lower() in ("1", "true", "yes")
             else:
                 parsed = type(current)(value)
         except ValueError:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .cli import command
 from .errors import CodebookError
 
 MODES = ("append", "replace")
@@ -285,7 +286,8 @@ class SteeringResult:
     steered_ci: tuple[float, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As plain JSON values (intervals as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -361,3 +363,59 @@ def format_steering_table(rows: Sequence[SteeringResult]) -> str:
         lines.append(f"| {r.topic} | {r.codes} | {r.samples} | {100 * r.baseline:.1f}% | "
                      f"{100 * r.steered:.1f}% |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- command
+def _options(p: Any) -> None:
+    p.add_argument("codebooks", help="folder written by save_codebooks (e.g. OUTPUT/final)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, from BOS)")
+    p.add_argument("--code", action="append", default=[], metavar="SITE:GROUP:CODE",
+                   help="a code to force on (repeat for several)")
+    p.add_argument("--mode", choices=MODES, default="append",
+                   help="add the codes to the chosen ones, or write them over the weakest")
+    p.add_argument("--positions", default="all",
+                   help="all, prompt, generated, or token positions like 0,3,5")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", help="base model folder or hub name (default: the recorded one)")
+    p.add_argument("--tokenizer", help="tokenizer (default: the base model's)")
+
+
+def _positions_arg(text: str) -> str | list[int]:
+    if text in POSITIONS:
+        return text
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise CodebookError(f"--positions {text!r}: use {', '.join(POSITIONS)} or a "
+                            "comma-separated list of token positions") from None
+
+
+@command("steer", "generate with codes forced on, next to the unsteered generation", _options)
+def _steer_command(args: Any) -> int:
+    import json
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .model import CodebookModel
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    codes = [parse_steer_code(c) for c in args.code]
+    positions = _positions_arg(args.positions)
+    model = CodebookModel.from_pretrained(args.codebooks, base_model=args.base)
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer or args.base or model.base_info()["name_or_path"])
+    kw = dict(positions=positions, max_new_tokens=args.max_new_tokens,
+              num_samples=args.samples, do_sample=not args.greedy,
+              temperature=args.temperature, seed=args.seed)
+    out = {"prompt": args.prompt, "codes": [str(c) for c in codes], "mode": args.mode,
+           "unsteered": steer_generate(model, tokenizer, args.prompt, (), **kw),
+           "steered": steer_generate(model, tokenizer, args.prompt, codes, mode=args.mode,
+                                     **kw)}
+    print(json.dumps(out, indent=1))
+    return 0
