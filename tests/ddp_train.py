@@ -15,7 +15,7 @@ from test_training import args, make_data, make_model  # noqa: E402
 from codebook_features.training import CodebookTrainer, kmeans_init_codebooks  # noqa: E402
 
 
-def main(out: str) -> None:
+def main(out: str, stream: bool = False) -> None:
     # float64: the two runs differ only by the order of gradient sums, far below any near-tie
     # between codes that could change which code fires.
     model = make_model().double()
@@ -23,7 +23,9 @@ def main(out: str) -> None:
     kmeans_init_codebooks(model, [default_data_collator([data[i] for i in range(64)])], iters=5)
     targs = args(out, max_steps=4, per_device_train_batch_size=16, dead_code_interval=2,
                  accelerator_config={"split_batches": True}, dataloader_drop_last=True)
-    trainer = CodebookTrainer(model, targs, train_dataset=data,
+    # stream: an IterableDataset in row order, which accelerate reads on rank 0 and dispatches.
+    train = data.to_iterable_dataset() if stream else data
+    trainer = CodebookTrainer(model, targs, train_dataset=train,
                               data_collator=default_data_collator)
     trainer.train()
     if trainer.args.process_index == 0:
@@ -37,4 +39,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], stream=sys.argv[2:] == ["stream"])

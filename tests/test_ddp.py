@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo) train the same codebooks as one process on the same global
-batches, dead-code replacement and k-means initialisation included."""
+batches, dead-code replacement and k-means initialisation included; also from a streamed
+(iterable) dataset, which accelerate reads on rank 0 and dispatches."""
 
 from __future__ import annotations
 
@@ -8,24 +9,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
-def run(cmd: list[str], out: Path) -> dict[str, torch.Tensor]:
+def run(cmd: list[str], out: Path, *extra: str) -> dict[str, torch.Tensor]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent)}
-    proc = subprocess.run([*cmd, str(SCRIPT), str(out)], capture_output=True, text=True,
+    proc = subprocess.run([*cmd, str(SCRIPT), str(out), *extra], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out / "codebooks.safetensors"))
 
 
-def test_two_processes_match_one(tmp_path):
-    one = run([sys.executable], tmp_path / "one")
+@pytest.mark.parametrize("stream", [False, True], ids=["map", "stream"])
+def test_two_processes_match_one(tmp_path, stream):
+    extra = ["stream"] if stream else []
+    one = run([sys.executable], tmp_path / "one", *extra)
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port=29531"], tmp_path / "two")
+               f"--master_port={29531 + stream}"], tmp_path / "two", *extra)
     assert int(one["replaced"]) > 0  # dead codes were replaced during the run
     assert one.keys() == two.keys()
     for k in one:
