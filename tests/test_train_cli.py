@@ -50,7 +50,8 @@ def test_train_end_to_end_and_resume(workload):
     again = run_training(load_config(CONFIG, overrides(d, corpus)))
     assert again == metrics
 
-    # eval: the paper's Table 2 from the saved codebooks, same figures as the training run's.
+    assert (final / "model.safetensors").is_file()  # the finetuned base weights
+    # eval: the paper's Table 2 from the saved codebooks, on the training split.
     assert main(["eval", str(final), str(CONFIG), *overrides(d, corpus),
                  "data.eval_split=train"]) == 0
     ev = json.loads((final / "eval_metrics.json").read_text())
@@ -208,6 +209,15 @@ def test_streaming_run_with_eval_during_training_and_tensorboard(workload, tmp_p
     assert evals[-1]["eval_without_codebooks_loss"] == pytest.approx(
         metrics["without_codebooks"]["loss"], rel=1e-6)
     assert metrics["sites"][site]["fvu"] > 0
+    # eval on the same 8 rows (the stream's first) gives the training run's final figures: the
+    # finetuned base weights were saved with the codebooks.
+    final = out / "final"
+    assert main(["eval", str(final), str(CONFIG), *overrides(d, corpus),
+                 "data.streaming=true", "data.max_eval_rows=8"]) == 0
+    ev = json.loads((final / "eval_metrics.json").read_text())
+    for key in ("with_codebooks", "without_codebooks"):
+        assert ev[key] == pytest.approx(metrics[key], rel=1e-6), key
+    assert ev["sites"][site] == pytest.approx(metrics["sites"][site], rel=1e-6)
 
     # TensorBoard (the CLI's default report_to) has the training and evaluation scalars.
     scalars = _scalars(out)

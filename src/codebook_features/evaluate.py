@@ -110,7 +110,10 @@ def _eval(args: argparse.Namespace) -> int:
     d = cfg.data
     if not Path(args.codebooks).is_dir():
         raise CodebookError(f"codebook folder {args.codebooks} not found")
-    model = CodebookModel.from_pretrained(args.codebooks, base_model=cfg.model)
+    # A finetuned run saves its base weights beside the codebooks; else the config's model.
+    own = (Path(args.codebooks) / "config.json").is_file()
+    model = CodebookModel.from_pretrained(args.codebooks,
+                                          base_model=args.codebooks if own else cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column,
                      d.streaming)

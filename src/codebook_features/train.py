@@ -334,7 +334,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=last)
     metrics = evaluate_codebooks(model, eval_ds, batch_size=args.per_device_eval_batch_size)
     out = Path(args.output_dir) / "final"
-    model.save_codebooks(out, base_model_name=cfg.model)
+    if args.freeze_model:  # the base weights are the original ones
+        model.save_codebooks(out, base_model_name=cfg.model)
+    else:  # finetuned with the codebooks: the base weights are saved beside them
+        model.base_model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        model.save_codebooks(out, base_model_name=str(out))
     write_json(out / "metrics.json", metrics)
     return metrics
 
