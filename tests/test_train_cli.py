@@ -80,6 +80,7 @@ def test_cli_runs(workload, tmp_path):
     (["training.max_steps=many"], "training.max_steps must be an int, got 'many'"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's 64 positions"),
     (["data.text_column=body"], None),
+    (["data.text_column=body", "data.streaming=true"], None),
     (["model=/nonexistent/model"], "cannot load model '/nonexistent/model'"),
     (["codebooks.k=100"], "k=100 must be between 1 and num_codes=64"),
     (["data.streaming=true", "training.max_steps=-1"], "data.streaming needs training.max_steps"),
@@ -96,7 +97,7 @@ def test_cli_runs(workload, tmp_path):
 ])
 def test_bad_configs_fail_before_work(workload, extra, match):
     d, corpus = workload
-    if extra == ["data.text_column=body"]:
+    if "data.text_column=body" in extra:  # a .jsonl file whose text is in "text"
         jsonl = write_corpus(d / "stories.jsonl", generate_stories(num_stories=5, seed=1))
         args = overrides(d, corpus, f"data.files=[{jsonl}]", *extra)
         match = r"dataset has no column 'body'"
