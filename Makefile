@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup browser demo test test-slow lint bench
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -15,7 +15,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/codebook-features demo $(ARGS)
 
-test: $(STAMP)
+# Debian's Chromium for the browser test (installed only where it is missing).
+browser:
+	bash scripts/setup-browser.sh
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
 test-slow: $(STAMP)

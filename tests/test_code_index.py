@@ -407,3 +407,17 @@ def test_neuron_baseline_on_first_documents(setup):
         best_neuron_precision(some, mask, [m.recall for m in got]))
     with pytest.raises(CodebookError, match="neurons of shape"):
         index.regex_search(PATTERN, SITE, neurons=some[:-1])
+
+
+def test_regex_positions_whole_shard_search_equals_per_document(setup):
+    ref, index = setup["ref"], setup["index"]
+    # Joined-shard fast path, a match across two documents (falls back), anchors and
+    # lookarounds (per document), a pattern that also matches newlines.
+    for pattern in (PATTERN, r"\.\s*[A-Z]\w*", r"^\w+", r"\w+\.?$", r"(?<=\. )[A-Z]\w+",
+                    r"[^a-z]+", r"\bthe\b", r"(?i)ONCE"):
+        index._regex_cache.clear()
+        got = index.regex_positions(pattern)
+        want = _naive_positives(ref, pattern)
+        assert set(zip(got.column("doc").to_pylist(), got.column("pos").to_pylist(),
+                       strict=True)) == want, pattern
+        assert got.num_rows == len(want)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ class CodeIndex:
         self._grids: list[np.ndarray] | None = None
         self._doc_rows: np.ndarray | None = None
         self._counts: np.ndarray | None = None
+        self._tok_cols: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._vocab: dict[int, str] | None = None
+        self._regex_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         for kind in ("tokens", "codes", "docs"):
             files = ", ".join("'" + str(path / s["files"][kind]).replace("'", "''") + "'"
                               for s in meta["shards"])
@@ -169,42 +173,45 @@ class CodeIndex:
             raise CodebookError(f"top_contexts(n={n}, window={window}): need n >= 1 and "
                                 "window >= 0")
         hits = self._rows(
-            "SELECT c.doc, c.pos, c.score, t.start, t.\"end\", t.token, "
-            " (SELECT min(start) FROM tokens b WHERE b.doc = c.doc AND b.pos >= c.pos - ? "
-            "  AND b.pos < c.pos), "
-            " (SELECT max(\"end\") FROM tokens a WHERE a.doc = c.doc AND a.pos > c.pos "
-            "  AND a.pos <= c.pos + ?) "
-            "FROM codes c JOIN tokens t ON t.doc = c.doc AND t.pos = c.pos "
-            "WHERE c.site = ? AND c.grp = ? AND c.code = ? "
-            "ORDER BY c.score DESC NULLS LAST, c.doc, c.pos LIMIT ?",
-            [int(window), int(window), s, int(group), int(code), int(n)])
+            "SELECT doc, pos, score FROM codes WHERE site = ? AND grp = ? AND code = ? "
+            "ORDER BY score DESC NULLS LAST, doc, pos LIMIT ?",
+            [s, int(group), int(code), int(n)])
         texts = self._doc_texts([h[0] for h in hits])
+        tid, starts, ends = self._token_columns()
         out = []
-        for doc, pos, score, start, end, token, ws, we in hits:
-            text = texts[doc]
-            before = text[min(ws, start):start] if ws is not None else ""
-            after = text[end:max(we, end)] if we is not None else ""
+        for doc, pos, score in hits:
+            text, first, last = texts[doc], self.doc_rows[doc], self.doc_rows[doc + 1]
+            r = int(first + pos)
+            start, end = int(starts[r]), int(ends[r])
+            token = text[start:end] if end > start else self.vocab[int(tid[r])]
+            b = starts[max(r - int(window), first):r]
+            a = ends[r + 1:min(r + int(window) + 1, last)]
+            before = text[min(int(b.min()), start):start] if len(b) else ""
+            after = text[end:max(int(a.max()), end)] if len(a) else ""
             out.append(Context(int(doc), int(pos), before, token, after,
                                float("nan") if score is None else float(score)))
         return out
 
     def code_stats(self, site: str, code: int, group: int = 0, top: int = 10) -> CodeStats:
         """Frequency of ``code`` and the ``top`` most common tokens it fires on and after it
-        (ties broken by token id)."""
+        (ties broken by token id; a token id's text is the smallest text it has in the
+        index)."""
         s = self._code(site, code, group)
-        where = "c.site = ? AND c.grp = ? AND c.code = ?"
-        p = [s, int(group), int(code)]
-        count = self._rows(f"SELECT count(*) FROM codes c WHERE {where}", p)[0][0]
-        toks = self._rows(
-            f"SELECT min(t.token), count(*) AS n, t.token_id FROM codes c JOIN tokens t "
-            f"ON t.doc = c.doc AND t.pos = c.pos WHERE {where} GROUP BY t.token_id "
-            "ORDER BY n DESC, t.token_id LIMIT ?", [*p, int(top)])
-        nxt = self._rows(
-            f"SELECT min(t.token), count(*) AS n, t.token_id FROM codes c JOIN tokens t "
-            f"ON t.doc = c.doc AND t.pos = c.pos + 1 WHERE {where} GROUP BY t.token_id "
-            "ORDER BY n DESC, t.token_id LIMIT ?", [*p, int(top)])
-        return CodeStats(int(count), count / max(self.num_tokens, 1),
-                         [(r[0], int(r[1])) for r in toks], [(r[0], int(r[1])) for r in nxt])
+        got = self.con.execute("SELECT doc, pos FROM codes WHERE site = ? AND grp = ? AND "
+                               "code = ?", [s, int(group), int(code)]).fetchnumpy()
+        doc = np.asarray(got["doc"], np.int64)
+        rows = np.unique(self.rows_of(doc, got["pos"]))  # a code fires once per token
+        tid = self._token_columns()[0]
+        nxt = rows + 1
+        nxt = nxt[nxt < self.doc_rows[np.searchsorted(self.doc_rows, rows, side="right")]]
+
+        def common(r: np.ndarray) -> list[tuple[str, int]]:
+            c = np.bincount(tid[r]) if len(r) else np.zeros(0, np.int64)
+            ids = np.lexsort((np.arange(len(c)), -c))[:int(top)]
+            return [(self.vocab[int(i)], int(c[i])) for i in ids if c[i] > 0]
+
+        count = len(rows)
+        return CodeStats(count, count / max(self.num_tokens, 1), common(rows), common(nxt))
 
     def codes_at(self, doc: int, position: int) -> dict[str, list[list[int]]]:
         """Codes at token ``position`` of document ``doc``: site -> per group, the k codes in
@@ -295,25 +302,50 @@ class CodeIndex:
         included); a token without characters (e.g. BOS) gets its token string."""
         if int(window) < 0:
             raise CodebookError(f"windows(window={window}): need window >= 0")
-        texts = self._doc_texts([d for d, _ in at])
-        out = []
-        for doc, pos in at:
-            if doc not in texts:
+        for doc, _ in at:
+            if not 0 <= int(doc) < self.num_docs:
                 raise CodebookError(f"document {doc} is not in the index "
                                     f"(0..{self.num_docs - 1})")
-            lo = max(int(pos) - int(window), 0)
-            rows = self._rows("SELECT pos, start, \"end\", token FROM tokens WHERE doc = ? "
-                              "AND pos >= ? AND pos <= ? ORDER BY pos",
-                              [int(doc), max(lo - 1, 0), int(pos) + int(window)])
+        texts = self._doc_texts([d for d, _ in at])
+        tid, starts, ends = self._token_columns()
+        out = []
+        for doc, pos in at:
+            first, last = int(self.doc_rows[doc]), int(self.doc_rows[doc + 1])
+            lo, hi = max(int(pos) - int(window), 0), min(int(pos) + int(window), last - first - 1)
             text, prev, pieces = texts[doc], None, []
-            for p, start, end, token in rows:
+            for p in range(max(lo - 1, 0), hi + 1):
+                start, end = int(starts[first + p]), int(ends[first + p])
                 if p >= lo:
                     a = start if prev is None else min(prev, start)
-                    pieces.append({"pos": int(p),
-                                   "text": text[a:end] if end > start else token})
+                    pieces.append({"pos": p, "text": text[a:end] if end > start
+                                   else self.vocab[int(tid[first + p])]})
                 prev = end if end > start else prev
             out.append(pieces)
         return out
+
+    def _token_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """token_id, start and end of every token by global row (int32; 12 bytes a token,
+        read once)."""
+        if self._tok_cols is None:
+            import pyarrow.parquet as pq
+
+            cols: list[list[np.ndarray]] = [[], [], []]
+            for sh in self.meta["shards"]:
+                t = pq.read_table(self.path / sh["files"]["tokens"],
+                                  columns=["token_id", "start", "end"])
+                for i, name in enumerate(("token_id", "start", "end")):
+                    cols[i].append(t.column(name).to_numpy().astype(np.int32))
+            self._tok_cols = tuple(np.concatenate(c) if c else np.zeros(0, np.int32)
+                                   for c in cols)  # type: ignore[assignment]
+        return self._tok_cols  # type: ignore[return-value]
+
+    @property
+    def vocab(self) -> dict[int, str]:
+        """Token id -> its text (the smallest text it has in the index)."""
+        if self._vocab is None:
+            self._vocab = dict(self._rows("SELECT token_id, min(token) FROM tokens "
+                                          "GROUP BY token_id"))
+        return self._vocab
 
     def tokens(self) -> Any:
         """All tokens as a pyarrow Table ordered by (doc, pos): the row order that neuron
@@ -384,38 +416,68 @@ class CodeIndex:
         """
         import pyarrow as pa
 
+        rows = self.regex_rows(pattern)
+        doc = np.searchsorted(self.doc_rows, rows, side="right") - 1
+        return pa.table({"doc": doc.astype(np.int64),
+                         "pos": (rows - self.doc_rows[doc]).astype(np.int32)})
+
+    def regex_rows(self, pattern: str | re.Pattern[str]) -> np.ndarray:
+        """Global token rows (sorted int64) of :meth:`regex_positions`; the last few
+        patterns' rows are cached.
+
+        Speed: each shard's documents are searched as one string, joined by newlines, when
+        the pattern has no anchors or lookarounds (``^ $ \\A \\Z (?< (?= (?!``) and no match
+        spans a newline that joins two documents; otherwise document by document. Both give
+        the same matches.
+        """
+        import pyarrow.parquet as pq
+
         rx = _compile(pattern)
-        docs_out: list[np.ndarray] = []
-        pos_out: list[np.ndarray] = []
-        for shard in self.meta["shards"]:
-            f = {k: str(self.path / v).replace("'", "''") for k, v in shard["files"].items()}
-            texts = dict(self._rows(f"SELECT doc, text FROM read_parquet('{f['docs']}')"))
-            spans: dict[int, np.ndarray] = {}
-            for d, text in texts.items():
-                m = [(a.start(), a.end()) for a in rx.finditer(text) if a.end() > a.start()]
-                if m:
-                    spans[d] = np.asarray(m, dtype=np.int64)
-            if not spans:
+        key = (rx.pattern, rx.flags)
+        if key in self._regex_cache:
+            self._regex_cache.move_to_end(key)
+            return self._regex_cache[key]
+        joinable = not any(t in rx.pattern for t in ("^", "$", "\\A", "\\Z", "(?<", "(?=",
+                                                       "(?!"))
+        out: list[np.ndarray] = []
+        for sh, row0 in zip(self.meta["shards"], self._shard_rows, strict=False):
+            texts = pq.read_table(self.path / sh["files"]["docs"], columns=["doc", "text"])
+            order = np.argsort(texts.column("doc").to_numpy(), kind="stable")
+            texts = [texts.column("text")[int(i)].as_py() for i in order]
+            lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+            first = np.concatenate([[0], np.cumsum(lengths + 1)])  # char offset of each doc
+            spans = None
+            if joinable:
+                spans = np.asarray([a.span() for a in rx.finditer("\n".join(texts))],
+                                   np.int64).reshape(-1, 2)
+                spans = spans[spans[:, 1] > spans[:, 0]]
+                joins = first[1:-1] - 1  # the newline after each document but the last
+                k = np.searchsorted(joins, spans[:, 0], side="left")
+                if np.any((k < len(joins)) & (joins[np.minimum(k, len(joins) - 1)]
+                                               < spans[:, 1])):
+                    spans = None  # a match runs across two documents: search them one by one
+            if spans is None:
+                m = [(a.start() + int(first[i]), a.end() + int(first[i]))
+                     for i, t in enumerate(texts) for a in rx.finditer(t) if a.end() > a.start()]
+                spans = np.asarray(m, np.int64).reshape(-1, 2)
+            if len(spans) == 0:
                 continue
-            tok = self.con.execute(f"SELECT doc, pos, start, \"end\" FROM read_parquet("
-                                   f"'{f['tokens']}') ORDER BY doc, pos").fetchnumpy()
-            doc_arr = np.asarray(tok["doc"])
-            bounds = np.searchsorted(doc_arr, list(spans), side="left")
-            ends = np.searchsorted(doc_arr, list(spans), side="right")
-            for (d, sp), lo, hi in zip(spans.items(), bounds, ends, strict=True):
-                st = np.asarray(tok["start"][lo:hi])
-                en = np.asarray(tok["end"][lo:hi])
-                # First match ending after the token's start; it overlaps if it starts
-                # before the token's end (matches are sorted and disjoint).
-                j = np.searchsorted(sp[:, 1], st, side="right")
-                ok = (j < len(sp)) & (en > st)
-                jj = np.minimum(j, len(sp) - 1)
-                ok &= sp[jj, 0] < en
-                docs_out.append(np.full(int(ok.sum()), d, dtype=np.int64))
-                pos_out.append(np.asarray(tok["pos"][lo:hi])[ok].astype(np.int32))
-        docs = np.concatenate(docs_out) if docs_out else np.zeros(0, np.int64)
-        pos = np.concatenate(pos_out) if pos_out else np.zeros(0, np.int32)
-        return pa.table({"doc": docs, "pos": pos})
+            tok = pq.read_table(self.path / sh["files"]["tokens"],
+                                columns=["doc", "start", "end"])  # written in (doc, pos) order
+            local_doc = tok.column("doc").to_numpy() - sh["first_doc"]
+            st = tok.column("start").to_numpy().astype(np.int64) + first[local_doc]
+            en = tok.column("end").to_numpy().astype(np.int64) + first[local_doc]
+            # First match ending after the token's start; it overlaps if it starts before the
+            # token's end (matches are sorted and disjoint).
+            j = np.searchsorted(spans[:, 1], st, side="right")
+            ok = (j < len(spans)) & (en > st)
+            ok &= spans[np.minimum(j, len(spans) - 1), 0] < en
+            out.append(np.flatnonzero(ok).astype(np.int64) + int(row0))
+        rows = np.concatenate(out) if out else np.zeros(0, np.int64)
+        self._regex_cache[key] = rows
+        while len(self._regex_cache) > 16:
+            self._regex_cache.popitem(last=False)
+        return rows
 
     def regex_search(self, pattern: str | re.Pattern[str], site: str, n: int | None = None,
                      min_hits: int = 1, neurons: Any = None) -> list[CodeMatch]:
@@ -433,8 +495,7 @@ class CodeIndex:
         token order).
         """
         self._site(site)
-        pos_table = self.regex_positions(pattern)
-        rows = self.rows_of(pos_table.column("doc").to_numpy(), pos_table.column("pos").to_numpy())
+        rows = self.regex_rows(pattern)
         matches = self.score_rows(site, rows, min_hits)
         if n is not None:
             matches = matches[:n]

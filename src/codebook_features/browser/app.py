@@ -179,7 +179,7 @@ def regex(b: Browser, q: Any) -> dict[str, Any]:
     n = _int(q, "n", 50, 1, MAX_N)
     neurons = b.neurons(site) if _bool(q, "neurons") else None
     ix = b.index
-    rows = ix.regex_positions(pattern).num_rows
+    rows = len(ix.regex_rows(pattern))
     return {"positives": rows, "matches": _match_rows(
         ix.regex_search(pattern, site, n=n, neurons=neurons))}
 
