@@ -50,7 +50,10 @@ class CodebookSettings:
     dead_code_window: int = 100
     """Training steps without firing after which a code counts as dead."""
     chunk_mib: float = 16.0
-    """Memory bound of one similarity block in the exact chunked search."""
+    """Memory bound of one similarity block in the exact chunked search (torch backend)."""
+    search_backend: str = "auto"
+    """Top-k search: auto (FAISS for float32 on CPU, else torch), torch, faiss, or torch_bf16
+    (bfloat16 similarity + exact re-rank of a shortlist; approximate)."""
     check_finite: bool = True
     """Reject NaN/inf inputs with a clear error (one host sync per forward)."""
 
@@ -107,6 +110,12 @@ class CodebookConfig(CodebookSettings):
         if self.combine not in snap.COMBINES:
             raise CodebookError(f"{n}: unknown combine {self.combine!r}; choose one of "
                                 f"{', '.join(snap.COMBINES)}")
+        if self.search_backend not in snap.BACKENDS:
+            raise CodebookError(f"{n}: unknown search_backend {self.search_backend!r}; choose "
+                                f"one of {', '.join(snap.BACKENDS)}")
+        if self.search_backend == "faiss" and not snap.faiss_available():
+            raise CodebookError(f"{n}: search_backend 'faiss' needs the faiss package; "
+                                "install faiss-cpu or use 'auto'")
         if self.mse_coeff < 0 or self.chunk_mib <= 0 or self.dead_code_window < 1:
             raise CodebookError(f"{n}: mse_coeff must be >= 0, chunk_mib > 0 and "
                                 "dead_code_window >= 1")
@@ -180,6 +189,7 @@ class CodebookLayer(nn.Module):
         self.last_scores: Tensor | None = None
         self.last_mse: Tensor | None = None
         self._recent: Tensor | None = None  # recent normed inputs (M, G, dg) for dead codes
+        self.approximate: snap.ApproximateIndex | None = None  # eval-mode search, see below
 
     # ------------------------------------------------------------------ forward
     def extra_repr(self) -> str:
@@ -205,9 +215,34 @@ class CodebookLayer(nn.Module):
                                 "(check the model's activations, learning rate or precision)")
 
     def search(self, x: Tensor) -> snap.SearchResult:
-        """Top-k codes of normed inputs ``x`` of shape ``(N, G, dg)``."""
+        """Top-k codes of normed inputs ``x`` of shape ``(N, G, dg)``.
+
+        Exact (``config.search_backend``), except in eval mode after :meth:`set_approximate`
+        for float32 CPU inputs.
+        """
         c = self.config
-        return snap.search(x, self.codebook.detach(), c.k, c.similarity, c.chunk_mib)
+        book = self.codebook.detach()
+        if (self.approximate is not None and not self.training and x.device.type == "cpu"
+                and x.dtype == torch.float32):
+            return self.approximate.search(x, book, c.k)
+        return snap.search(x, book, c.k, c.similarity, c.chunk_mib, c.search_backend)
+
+    def set_approximate(self, kind: str | None = "hnsw", **params: Any) -> None:
+        """Use approximate search (FAISS ``hnsw`` or ``ivf``) in eval mode; None turns it off.
+
+        Inference only: in training mode the layer always searches exactly, since the codes it
+        trains must be the ones it would choose (so ``model.train()`` needs no undo). The
+        indexes are built on first use and rebuilt when the codebook changes. ``params``:
+        ``m``, ``ef_search``, ``ef_construction`` (hnsw); ``nlist``, ``nprobe`` (ivf). Only
+        float32 CPU inputs use it; others search exactly.
+        """
+        if kind is None:
+            self.approximate = None
+            return
+        try:
+            self.approximate = snap.ApproximateIndex(kind, self.config.similarity, **params)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise CodebookError(f"{self.config.name}: {e}") from None
 
     def forward(self, a: Tensor) -> Tensor:
         c = self.config

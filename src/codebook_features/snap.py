@@ -1,14 +1,30 @@
 """The numerical core of a codebook: similarity search, exact top-k, and the combine step.
 
 Shapes: ``x`` is ``(N, G, dg)`` (N tokens, G groups of width dg), a codebook ``(G, C, dg)``.
-Search never holds the full ``N x C`` similarity matrix: it walks over token chunks whose
-score block is bounded by ``chunk_mib``. ``snap_combine`` is one autograd function with a
-straight-through input gradient and a sparse codebook gradient (only chosen codes get any).
+
+Search backends (``search(..., backend=)``), all exact unless named otherwise:
+
+* ``faiss``: FAISS's blocked brute-force search (``knn_inner_product`` / ``knn_L2sqr`` on
+  NumPy views of the torch tensors, no index built, results written straight into torch
+  tensors). CPU, float32 only. The fastest exact search on CPU: it fuses the similarity
+  block with the top-k scan and its sgemm beats torch's on the CPUs we measured.
+* ``torch``: token chunks whose score block is bounded by ``chunk_mib``; one ``bmm`` per
+  chunk into a reused buffer, then an exact *block-max* top-k (see :func:`topk_last`). Any
+  device and dtype; no host sync.
+* ``auto`` (default): ``faiss`` for float32 CPU inputs when FAISS is installed, else ``torch``.
+* ``torch_bf16``: an *approximate* variant of ``torch``: the similarity in bfloat16, a
+  shortlist of ``max(2k, k + 8)`` codes per token re-ranked exactly in the input's dtype.
+  Scores of the returned codes are exact; the codes agree with exact search on almost every
+  token, not all (measured in ``benchmarks/snap.py --bf16``).
+
+``snap_combine`` is one autograd function with a straight-through input gradient and a sparse
+codebook gradient (only chosen codes get any).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +32,8 @@ from torch import Tensor
 
 SIMILARITIES = ("cosine", "inner", "euclidean")
 COMBINES = ("mean", "sum")
+BACKENDS = ("auto", "torch", "faiss", "torch_bf16")
+APPROXIMATE_KINDS = ("hnsw", "ivf")
 
 
 class SearchResult(NamedTuple):
@@ -29,7 +47,8 @@ def search_keys(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | Non
     """What inputs are matched against: keys ``(G, C, dg)`` and an optional bias ``(G, C)``.
 
     Ranking by ``x . key + bias`` equals ranking by the similarity: cosine needs only unit
-    codes (``|x|`` does not change a row's ranking); Euclidean ranks by ``x . c - |c|^2 / 2``.
+    codes (``|x|`` does not change a row's ranking, so the input is never normalised);
+    Euclidean ranks by ``x . c - |c|^2 / 2``.
     """
     if similarity == "cosine":
         return F.normalize(codebook, dim=-1, eps=1e-12), None
@@ -40,48 +59,291 @@ def search_keys(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | Non
     raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}")
 
 
-def default_chunk(n_tokens: int, groups: int, num_codes: int, chunk_mib: float) -> int:
-    """Tokens per chunk so that one float32 score block ``(G, chunk, C)`` fits ``chunk_mib``."""
-    rows = int(chunk_mib * 2**20 / (4 * groups * num_codes))
+def default_chunk(n_tokens: int, groups: int, num_codes: int, chunk_mib: float,
+                  itemsize: int = 4) -> int:
+    """Tokens per chunk so that one score block ``(G, chunk, C)`` fits ``chunk_mib``."""
+    rows = int(chunk_mib * 2**20 / (itemsize * groups * num_codes))
     return max(1, min(n_tokens, rows))
+
+
+@functools.cache
+def _faiss() -> Any:
+    """The ``faiss`` module, or None when it is not installed."""
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is a dependency, but optional here
+        return None
+    return faiss
+
+
+def faiss_available() -> bool:
+    return _faiss() is not None
+
+
+_faiss_threads = [0]
+
+
+def _sync_faiss_threads(faiss: Any) -> None:
+    """Give FAISS's OpenMP pool torch's thread count (set once, again only when it changes)."""
+    n = torch.get_num_threads()
+    if _faiss_threads[0] != n:
+        faiss.omp_set_num_threads(n)
+        _faiss_threads[0] = n
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend ``auto`` stands for: ``faiss`` for float32 CPU inputs when installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown search backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if x.device.type == "cpu" and x.dtype == torch.float32 and faiss_available():
+        return "faiss"
+    return "torch"
+
+
+def block_size(num_codes: int, k: int) -> int | None:
+    """Block width for :func:`topk_last` over ``num_codes`` scores, or None for a plain top-k.
+
+    A divisor of ``num_codes`` near 100 (wide enough for a fast vectorised ``amax``), used only
+    when the ``k`` candidate blocks hold at most a quarter of the codes.
+    """
+    best = None
+    for bs in range(32, 257):
+        if num_codes % bs == 0 and (best is None or abs(bs - 100) < abs(best - 100)):
+            best = bs
+    if best is None or num_codes // best < k or 4 * k * best > num_codes:
+        return None
+    return best
+
+
+def topk_last(s: Tensor, k: int, bs: int | None) -> tuple[Tensor, Tensor]:
+    """Exact top-k (values, indices) over the last axis of ``s``, best first.
+
+    With ``bs``: split the axis into blocks of ``bs`` and take each block's max with ``amax``
+    (many times faster than ``max``/``topk`` with indices on CPU). At most k blocks have a max
+    at or above the k-th best value, and those blocks hold all the top k, so the top-k over the
+    ``k * bs`` scores of the k best blocks is the exact answer (ties aside).
+    """
+    if bs is None:
+        if k == 1:
+            v, i = s.max(-1, keepdim=True)
+            return v, i
+        return s.topk(k, -1)
+    blocks = s.unflatten(-1, (s.shape[-1] // bs, bs))
+    bmax = blocks.amax(-1)
+    if k == 1:
+        blk = bmax.argmax(-1, keepdim=True)
+    else:
+        blk = bmax.topk(k, -1, sorted=False).indices
+    cand = blocks.gather(-2, blk.unsqueeze(-1).expand(*blk.shape, bs)).flatten(-2)
+    v, j = cand.max(-1, keepdim=True) if k == 1 else cand.topk(k, -1)
+    idx = blk.gather(-1, torch.div(j, bs, rounding_mode="floor")).mul_(bs).add_(j % bs)
+    return v, idx
+
+
+def _finish_scores(scores: Tensor, x: Tensor, similarity: str) -> Tensor:
+    """Turn ranking scores ``x . key + bias`` ``(N, G, k)`` into true similarities."""
+    if similarity == "cosine":
+        return scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if similarity == "euclidean":
+        return 2 * scores - x.pow(2).sum(-1, keepdim=True)
+    return scores
 
 
 @torch.no_grad()
 def search(x: Tensor, codebook: Tensor, k: int, similarity: str = "cosine",
-           chunk_mib: float = 16.0) -> SearchResult:
-    """Exact top-k codes of every token in every group, in token chunks.
+           chunk_mib: float = 16.0, backend: str = "auto") -> SearchResult:
+    """Top-k codes of every token in every group; exact except for ``torch_bf16``.
 
-    Extra memory is one ``(G, chunk, C)`` score block (``chunk_mib``), never ``N x C``.
-    Scores are true similarities: cosine (``x . c / |x||c|``), inner product, or negative
-    squared Euclidean distance.
+    Extra memory is bounded: one ``(G, chunk, C)`` score block of ``chunk_mib`` (torch) or
+    FAISS's fixed query x database block (faiss), never ``N x C``. Scores are true
+    similarities: cosine (``x . c / |x||c|``), inner product, or negative squared Euclidean
+    distance. See the module docstring for the backends.
     """
-    n, g, dg = x.shape
-    num_codes = codebook.shape[1]
+    backend = resolve_backend(backend, x)
+    if backend == "faiss":
+        return _search_faiss(x, codebook, k, similarity)
     keys, bias = search_keys(codebook, similarity)
+    if backend == "torch_bf16":
+        return _search_bf16(x, keys, bias, k, similarity, chunk_mib)
+    codes, scores = _search_torch(x, keys, bias, k, chunk_mib)
+    return SearchResult(codes, _finish_scores(scores, x, similarity))
+
+
+def _search_torch(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, chunk_mib: float,
+                  ) -> tuple[Tensor, Tensor]:
+    """Exact chunked top-k of ``x . key + bias``: codes and ranking scores ``(N, G, k)``."""
+    n, g, dg = x.shape
+    num_codes = keys.shape[1]
     keys_t = keys.transpose(1, 2)  # (G, dg, C)
     xt = x.transpose(0, 1)  # (G, N, dg)
-    chunk = default_chunk(n, g, num_codes, chunk_mib)
+    chunk = default_chunk(n, g, num_codes, chunk_mib, x.element_size())
+    bs = block_size(num_codes, k)
     codes = torch.empty(g, n, k, dtype=torch.long, device=x.device)
     scores = torch.empty(g, n, k, dtype=x.dtype, device=x.device)
+    buf = torch.empty(g * chunk * num_codes, dtype=x.dtype, device=x.device)
+    bias3 = None if bias is None else bias.unsqueeze(1)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        if bias is None:
-            s = torch.bmm(xt[:, start:end], keys_t)
+        s = buf[: g * (end - start) * num_codes].view(g, end - start, num_codes)
+        if bias3 is None:
+            torch.bmm(xt[:, start:end], keys_t, out=s)
         else:
-            s = torch.baddbmm(bias.unsqueeze(1), xt[:, start:end], keys_t)
-        if k == 1:
-            v, i = s.max(dim=-1, keepdim=True)
-        else:
-            v, i = s.topk(k, dim=-1)
+            torch.baddbmm(bias3, xt[:, start:end], keys_t, out=s)
+        v, i = topk_last(s, k, bs)
         scores[:, start:end] = v
         codes[:, start:end] = i
-    codes = codes.transpose(0, 1)
-    scores = scores.transpose(0, 1)
+    return codes.transpose(0, 1).contiguous(), scores.transpose(0, 1).contiguous()
+
+
+def _search_faiss(x: Tensor, codebook: Tensor, k: int, similarity: str) -> SearchResult:
+    """Exact search by FAISS's blocked brute force, one call per group (CPU float32)."""
+    faiss = _faiss()
+    if faiss is None:
+        raise RuntimeError("search backend 'faiss' needs the faiss package (faiss-cpu)")
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError(f"search backend 'faiss' needs float32 CPU inputs, got {x.dtype} on "
+                         f"{x.device}; use backend 'torch' or 'auto'")
+    _sync_faiss_threads(faiss)
+    n, g, dg = x.shape
+    num_codes = codebook.shape[1]
+    keys = (F.normalize(codebook, dim=-1, eps=1e-12) if similarity == "cosine"
+            else codebook.contiguous()).to(torch.float32)
+    xt = x.reshape(n, dg) if g == 1 else x.transpose(0, 1).contiguous()
+    xt = xt.contiguous().view(g, n, dg)
+    dist = torch.empty(g, n, k, dtype=torch.float32)
+    labels = torch.empty(g, n, k, dtype=torch.long)
+    knn = faiss.knn_L2sqr if similarity == "euclidean" else faiss.knn_inner_product
+    ptr = faiss.swig_ptr
+    if n:
+        for i in range(g):  # one C++ call per group; all the work is inside FAISS
+            knn(ptr(xt[i].numpy()), ptr(keys[i].numpy()), dg, n, num_codes, k,
+                ptr(dist[i].numpy()), ptr(labels[i].numpy()))
+    codes = labels.transpose(0, 1).contiguous()
+    scores = dist.transpose(0, 1)
     if similarity == "cosine":
         scores = scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     elif similarity == "euclidean":
-        scores = 2 * scores - x.pow(2).sum(-1, keepdim=True)
-    return SearchResult(codes.contiguous(), scores.contiguous())
+        scores = scores.neg()
+    return SearchResult(codes, scores.contiguous())
+
+
+def shortlist_size(k: int) -> int:
+    """Codes per token re-ranked exactly after a bfloat16 similarity (``torch_bf16``)."""
+    return max(2 * k, k + 8)
+
+
+def _search_bf16(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, similarity: str,
+                 chunk_mib: float) -> SearchResult:
+    """Approximate: bfloat16 similarity, then an exact re-rank of a shortlist per token."""
+    n, g, dg = x.shape
+    num_codes = keys.shape[1]
+    m = min(num_codes, shortlist_size(k))
+    short, _ = _search_torch(x.to(torch.bfloat16), keys.to(torch.bfloat16),
+                             None if bias is None else bias.to(torch.bfloat16), m, chunk_mib)
+    # Exact scores of the shortlist, in token chunks of (rows, G, m, dg) gathered keys.
+    codes = torch.empty(n, g, k, dtype=torch.long, device=x.device)
+    scores = torch.empty(n, g, k, dtype=x.dtype, device=x.device)
+    gidx = torch.arange(g, device=x.device).view(1, g, 1)
+    rows = default_chunk(n, g, m * dg, chunk_mib, x.element_size())
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        sl = short[start:end]
+        exact = torch.einsum("ngmd,ngd->ngm", keys[gidx, sl], x[start:end])
+        if bias is not None:
+            exact += bias[gidx, sl]
+        v, j = exact.topk(k, -1)
+        codes[start:end] = sl.gather(-1, j)
+        scores[start:end] = v
+    return SearchResult(codes, _finish_scores(scores, x, similarity))
+
+
+class ApproximateIndex:
+    """Approximate search (FAISS HNSW or IVF, one index per group) for inference.
+
+    The indexes are built on the codebook's keys (unit codes for cosine) on first use and
+    rebuilt whenever the codebook changes: any in-place update through the parameter (an
+    optimizer step, ``load_state_dict``, dead-code replacement) bumps its version counter.
+    Edits through ``.data`` bypass that counter: call :meth:`reset` after them.
+
+    ``hnsw``: ``m`` links per node, ``ef_search`` (recall/speed), ``ef_construction``.
+    ``ivf``: ``nlist`` lists (default ``sqrt(C)``, at most ``C // 39``), ``nprobe`` lists
+    visited per query. Rows for which the index finds fewer than k codes fall back to exact.
+    """
+
+    def __init__(self, kind: str, similarity: str, *, m: int = 32, ef_search: int = 64,
+                 ef_construction: int = 80, nlist: int | None = None, nprobe: int = 8) -> None:
+        if kind not in APPROXIMATE_KINDS:
+            raise ValueError(f"unknown approximate search {kind!r}; choose one of "
+                             f"{APPROXIMATE_KINDS}")
+        if _faiss() is None:
+            raise RuntimeError("approximate search needs the faiss package (faiss-cpu)")
+        self.kind, self.similarity = kind, similarity
+        self.m, self.ef_search, self.ef_construction = m, ef_search, ef_construction
+        self.nlist, self.nprobe = nlist, nprobe
+        self._tag: tuple | None = None
+        self._indexes: list[Any] = []
+
+    def reset(self) -> None:
+        """Forget the built indexes; the next search rebuilds them."""
+        self._tag, self._indexes = None, []
+
+    def _build(self, codebook: Tensor) -> None:
+        faiss = _faiss()
+        _sync_faiss_threads(faiss)
+        g, c, dg = codebook.shape
+        keys = (F.normalize(codebook, dim=-1, eps=1e-12) if self.similarity == "cosine"
+                else codebook).detach().to("cpu", torch.float32).contiguous()
+        metric = faiss.METRIC_L2 if self.similarity == "euclidean" else faiss.METRIC_INNER_PRODUCT
+        self._indexes = []
+        for i in range(g):
+            data = keys[i].numpy()
+            if self.kind == "hnsw":
+                index = faiss.IndexHNSWFlat(dg, self.m, metric)
+                index.hnsw.efConstruction = self.ef_construction
+                index.hnsw.efSearch = self.ef_search
+            else:
+                nlist = self.nlist or max(1, min(int(c**0.5), c // 39))
+                quantizer = (faiss.IndexFlatL2(dg) if self.similarity == "euclidean"
+                             else faiss.IndexFlatIP(dg))
+                index = faiss.IndexIVFFlat(quantizer, dg, nlist, metric)
+                index.cp.seed = 1234 + i
+                index.train(data)
+                index.nprobe = min(self.nprobe, nlist)
+            index.add(data)
+            self._indexes.append(index)
+        self._tag = _version_tag(codebook)
+
+    @torch.no_grad()
+    def search(self, x: Tensor, codebook: Tensor, k: int) -> SearchResult:
+        """Approximate top-k of float32 CPU inputs ``(N, G, dg)``; true similarities."""
+        if self._tag != _version_tag(codebook):
+            self._build(codebook)
+        _sync_faiss_threads(_faiss())
+        n, g, dg = x.shape
+        xt = x.transpose(0, 1).to(torch.float32).contiguous()
+        dist = torch.empty(g, n, k, dtype=torch.float32)
+        labels = torch.empty(g, n, k, dtype=torch.long)
+        for i, index in enumerate(self._indexes):
+            index.search(xt[i].numpy(), k, D=dist[i].numpy(), I=labels[i].numpy())
+        codes = labels.transpose(0, 1).contiguous()
+        scores = dist.transpose(0, 1)
+        if self.similarity == "cosine":
+            scores = scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        elif self.similarity == "euclidean":
+            scores = scores.neg()
+        scores = scores.contiguous()
+        missing = (codes < 0).any(-1).any(-1)
+        if bool(missing.any()):  # too few codes found (e.g. IVF lists too small): exact there
+            exact = search(x[missing], codebook, k, self.similarity, backend="auto")
+            codes[missing], scores[missing] = exact.codes, exact.scores.to(scores.dtype)
+        return SearchResult(codes, scores)
+
+
+def _version_tag(codebook: Tensor) -> tuple:
+    """Identifies a codebook's contents: storage, shape and in-place version counter."""
+    return (codebook.data_ptr(), tuple(codebook.shape), codebook._version)
 
 
 def combine_weights(k: int, combine: str) -> float:
@@ -102,8 +364,9 @@ class _SnapCombine(torch.autograd.Function):
     """``y[n, g] = sum_j w[n, g, j] * codebook[g, codes[n, g, j]]`` with codebook gradients.
 
     Backward: ``dL/dx = dL/dy`` (straight-through); each chosen code gets
-    ``w * (dL/dy + mse_coeff * d MSE(y, stop_grad(x)) / dy)``, accumulated with ``index_add_``;
-    no ``N x C`` tensor is formed. ``weights`` is a float (the same for every slot) or a
+    ``w * (dL/dy + mse_coeff * d MSE(y, stop_grad(x)) / dy)``, accumulated with one
+    ``index_add_`` per slot; no ``N x C`` tensor is formed and the ``(N*G, dg)`` rows are never
+    copied k times. ``weights`` is a float (the same for every slot) or a
     ``(N, G, K)`` tensor (after interventions).
     """
 
@@ -139,19 +402,22 @@ class _SnapCombine(torch.autograd.Function):
         grad_codebook = None
         if ctx.needs_input_grad[1]:
             g_c, c, dg = ctx.codebook_shape
-            row = grad_y
-            if ctx.mse_coeff:
-                row = torch.add(grad_y, y - x, alpha=2.0 * ctx.mse_coeff / x.numel())
-            row = row.reshape(-1, dg)
-            k = flat.shape[1]
-            if w:
-                src = (w[0].unsqueeze(-1) * row.unsqueeze(1)).reshape(-1, dg)
+            if ctx.mse_coeff:  # one temporary: (y - x) * coeff + grad_y
+                row = torch.sub(y, x).mul_(2.0 * ctx.mse_coeff / x.numel()).add_(grad_y)
             else:
-                src = row * ctx.scalar_w if ctx.scalar_w != 1.0 else row
-                if k > 1:
-                    src = src.unsqueeze(1).expand(-1, k, dg).reshape(-1, dg)
+                row = grad_y
+            row = row.reshape(-1, dg)
             grad_codebook = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
-            grad_codebook.index_add_(0, flat.reshape(-1), src)
+            if flat.shape[1] == 1 and not w:
+                grad_codebook.index_add_(0, flat.view(-1), row, alpha=ctx.scalar_w)
+            else:
+                # One index_add_ per slot: never expands the rows to (N*G*K, dg).
+                slots = flat.t().contiguous()
+                for j in range(slots.shape[0]):
+                    if w:
+                        grad_codebook.index_add_(0, slots[j], row * w[0][:, j : j + 1])
+                    else:
+                        grad_codebook.index_add_(0, slots[j], row, alpha=ctx.scalar_w)
             grad_codebook = grad_codebook.view(g_c, c, dg)
         grad_x = grad_y if ctx.needs_input_grad[0] else None
         return grad_x, grad_codebook, None, None, None

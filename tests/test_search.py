@@ -1,0 +1,218 @@
+"""Every search backend against a naive full-matrix search; approximate and bf16 search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codebook_features import CodebookError, CodebookLayer, snap
+
+BACKENDS = ["torch", "faiss", "auto", "torch_bf16"]
+
+
+def naive_search(x: torch.Tensor, book: torch.Tensor, k: int, similarity: str):
+    """Full (N, C) similarity per group in float64, plain topk: (codes, scores, full sims)."""
+    x, book = x.double(), book.double()
+    if similarity == "cosine":
+        sim = torch.einsum("ngd,gcd->ngc", F.normalize(x, dim=-1), F.normalize(book, dim=-1))
+    elif similarity == "inner":
+        sim = torch.einsum("ngd,gcd->ngc", x, book)
+    else:
+        sim = -(x.unsqueeze(2) - book.unsqueeze(0)).pow(2).sum(-1)
+    v, i = sim.topk(k, -1)
+    return i, v, sim
+
+
+def assert_exact(codes, scores, x, book, k, similarity, atol=1e-4):
+    """Codes are the exact top-k up to near-ties; scores are the codes' true similarities."""
+    ref_codes, ref_scores, sim = naive_search(x, book, k, similarity)
+    assert codes.shape == ref_codes.shape and codes.dtype == torch.long
+    # The true similarity of every chosen code matches the returned score ...
+    got = sim.gather(-1, codes)
+    torch.testing.assert_close(scores.double(), got, atol=atol, rtol=1e-4)
+    # ... and the chosen codes' similarities are the k best (equal codes except near-ties).
+    torch.testing.assert_close(got.sort(-1, descending=True).values, ref_scores, atol=atol,
+                               rtol=1e-4)
+    same = (codes.sort(-1).values == ref_codes.sort(-1).values).all(-1).float().mean()
+    assert same > 0.99, float(same)
+
+
+def problem(n=300, g=2, c=500, dg=16, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, g, dg, generator=gen, dtype=dtype)
+    book = torch.randn(g, c, dg, generator=gen, dtype=dtype)
+    return x, book
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("similarity", ["cosine", "inner", "euclidean"])
+@pytest.mark.parametrize("g,c,k", [(1, 500, 1), (1, 500, 8), (3, 1000, 1), (3, 1000, 5),
+                                   (2, 97, 3)])
+def test_backend_matches_naive(backend, similarity, g, c, k):
+    x, book = problem(g=g, c=c)
+    res = snap.search(x, book, k, similarity, chunk_mib=0.05, backend=backend)
+    if backend == "torch_bf16":  # approximate: exact scores, codes agree almost everywhere
+        _, _, sim = naive_search(x, book, k, similarity)
+        torch.testing.assert_close(res.scores.double(), sim.gather(-1, res.codes), atol=1e-4,
+                                   rtol=1e-4)
+        ref = naive_search(x, book, k, similarity)[0]
+        agree = (res.codes.sort(-1).values == ref.sort(-1).values).all(-1).float().mean()
+        assert agree > 0.97, float(agree)
+        return
+    assert_exact(res.codes, res.scores, x, book, k, similarity)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_float64_exact(backend):
+    x, book = problem(dtype=torch.float64)
+    res = snap.search(x, book, 4, "cosine", chunk_mib=0.05, backend=backend)
+    assert res.scores.dtype == torch.float64
+    ref, ref_scores, _ = naive_search(x, book, 4, "cosine")
+    assert torch.equal(res.codes, ref)
+    torch.testing.assert_close(res.scores, ref_scores)
+
+
+def test_auto_resolution():
+    cpu32 = torch.zeros(1, 1, 4)
+    assert snap.resolve_backend("auto", cpu32) == ("faiss" if snap.faiss_available() else "torch")
+    assert snap.resolve_backend("auto", cpu32.double()) == "torch"
+    with pytest.raises(ValueError, match="unknown search backend"):
+        snap.resolve_backend("gpu", cpu32)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        snap.search(cpu32.double(), torch.zeros(1, 3, 4, dtype=torch.float64), 1,
+                    backend="faiss")
+
+
+@pytest.mark.parametrize("c,k", [(10000, 8), (1000, 1), (1000, 3), (4096, 16), (997, 2)])
+def test_topk_last_exact(c, k):
+    gen = torch.Generator().manual_seed(c + k)
+    s = torch.randn(2, 33, c, generator=gen)
+    bs = snap.block_size(c, k)
+    v, i = snap.topk_last(s, k, bs)
+    rv, ri = s.topk(k, -1)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
+
+
+def test_block_size_rules():
+    assert snap.block_size(10000, 8) == 100
+    assert snap.block_size(1000, 1) == 100
+    assert snap.block_size(997, 1) is None  # prime: plain top-k
+    assert snap.block_size(1000, 3) is None  # the k candidate blocks would hold > 1/4
+    assert snap.block_size(10000, 200) is None
+
+
+def test_torch_backend_chunked_bounded():
+    """The torch backend never handles an N x C tensor, forward or backward."""
+    torch.manual_seed(1)
+    n, c = 512, 1000
+    layer = CodebookLayer(dim=8, num_codes=c, k=2, chunk_mib=0.2, search_backend="torch")
+    a = torch.randn(n, 8, requires_grad=True)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        layer(a).sum().backward()
+    biggest = max((torch.Size(s).numel() for e in prof.events() for s in e.input_shapes if s),
+                  default=0)
+    assert biggest < n * c / 4, biggest
+    with torch.no_grad():
+        ref = naive_search(layer.normalize(a).view(n, 1, 8), layer.codebook, 2, "cosine")[0]
+    assert torch.equal(layer.last_codes.sort(-1).values, ref.sort(-1).values)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_layer_backends_same_outputs_and_gradients(k):
+    """faiss and torch backends give the same codes, outputs and gradients in a layer."""
+    torch.manual_seed(0)
+    a = torch.randn(2, 50, 32)
+    r = torch.randn(2, 50, 32)
+    results = []
+    for backend in ["torch", "faiss"]:
+        torch.manual_seed(3)
+        layer = CodebookLayer(dim=32, num_codes=300, k=k, groups=2, search_backend=backend)
+        ai = a.clone().requires_grad_()
+        out = layer(ai)
+        (out * r).sum().backward()
+        results.append((layer.last_codes, out, ai.grad, layer.codebook.grad, layer.ln.weight.grad,
+                        layer.last_scores))
+    for t, f in zip(*results, strict=True):
+        torch.testing.assert_close(t, f, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_backend_setting():
+    with pytest.raises(CodebookError, match="unknown search_backend"):
+        CodebookLayer(dim=8, num_codes=4, search_backend="gpu")
+
+
+# ------------------------------------------------------------------ approximate search
+
+
+def clustered(n=2000, g=2, c=400, dg=16, seed=0):
+    """Codes in well-separated clusters, inputs near random codes: the recall-friendly case."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(g, 20, dg, generator=gen) * 3
+    book = centres.repeat_interleave(c // 20, 1) + 0.5 * torch.randn(g, c, dg, generator=gen)
+    pick = torch.randint(c, (n, g), generator=gen)
+    x = book[torch.arange(g), pick] + 0.1 * torch.randn(n, g, dg, generator=gen)
+    return x, book
+
+
+def recall(codes: torch.Tensor, exact: torch.Tensor) -> float:
+    hits = (codes.unsqueeze(-1) == exact.unsqueeze(-2)).any(-1).float()
+    return float(hits.mean())
+
+
+@pytest.mark.parametrize("kind,params", [("hnsw", {}), ("ivf", {"nprobe": 4})])
+@pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
+def test_approximate_recall(kind, params, similarity):
+    pytest.importorskip("faiss")
+    x, book = clustered()
+    k = 4
+    index = snap.ApproximateIndex(kind, similarity, **params)
+    res = index.search(x, book, k)
+    exact = snap.search(x, book, k, similarity, backend="torch")
+    assert recall(res.codes, exact.codes) > 0.9
+    _, _, sim = naive_search(x, book, k, similarity)
+    torch.testing.assert_close(res.scores.double(), sim.gather(-1, res.codes), atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_approximate_only_in_eval_and_rebuilt_on_change():
+    pytest.importorskip("faiss")
+    x, book = clustered(g=1, dg=16)
+    layer = CodebookLayer(dim=16, num_codes=400, k=2, layernorm=False, similarity="cosine")
+    with torch.no_grad():
+        layer.codebook.copy_(book)
+    layer.set_approximate("hnsw", ef_search=16)
+    a = x.view(-1, 16)
+    # Training mode ignores the approximation: the exact codes, and no index is built.
+    layer.train()
+    layer(a)
+    exact = snap.search(a.view(-1, 1, 16), book, 2, "cosine", backend="torch").codes
+    assert torch.equal(layer.last_codes, exact)
+    assert layer.approximate._tag is None
+    layer.eval()
+    with torch.no_grad():
+        layer(a)
+    assert layer.approximate._tag is not None
+    assert recall(layer.last_codes, exact) > 0.9
+    # A changed codebook (in place, as an optimizer step does) rebuilds the index.
+    with torch.no_grad():
+        layer.codebook[0, :200] *= -1
+    with torch.no_grad():
+        layer(a)
+    exact2 = snap.search(a.view(-1, 1, 16), layer.codebook.detach(), 2, "cosine").codes
+    assert recall(layer.last_codes, exact2) > 0.9
+    layer.set_approximate(None)
+    with torch.no_grad():
+        layer(a)
+    assert torch.equal(layer.last_codes, exact2)
+    with pytest.raises(CodebookError, match="unknown approximate search"):
+        layer.set_approximate("lsh")
+
+
+def test_approximate_missing_results_fall_back_to_exact():
+    pytest.importorskip("faiss")
+    x, book = clustered(g=1, c=400)
+    # One IVF list probed and k larger than some lists: rows with missing codes are exact.
+    index = snap.ApproximateIndex("ivf", "inner", nlist=10, nprobe=1)
+    res = index.search(x[:200], book, 60)
+    assert (res.codes >= 0).all()
