@@ -80,11 +80,11 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     done = out / "build.json"
     if done.is_file() and (out / "index" / "meta.json").is_file():
         meta = json.loads((out / "index" / "meta.json").read_text())
-        if meta.get("complete") and meta.get("num_tokens", 0) >= args.tokens:
+        if meta.get("complete") and meta.get("num_tokens", 0) >= args.build_tokens:
             return {**json.loads(done.read_text()), "reused": True}
     torch.manual_seed(0)
     # About 70 tokens per story: generate enough, index until the token budget is reached.
-    stories = generate_stories(num_stories=max(args.tokens // 50, 100), seed=0)
+    stories = generate_stories(num_stories=max(args.build_tokens // 50, 100), seed=0)
     texts = [s["text"] for s in stories]
     tok = train_story_tokenizer(texts[:2000], vocab_size=1024)
     cfg = tiny_story_model_config(tok, hidden_size=args.hidden, num_layers=args.layers,
@@ -97,7 +97,7 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     model.save_codebooks(out / "codebooks", base_model_name=str((out / "model").resolve()))
     lengths = [len(ids) for ids in tok(texts)["input_ids"]]
     total, n = 0, 0
-    while n < len(texts) and total < args.tokens:
+    while n < len(texts) and total < args.build_tokens:
         total += lengths[n]
         n += 1
     threads = torch.get_num_threads()
@@ -119,6 +119,47 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
            "disk_mib": round(disk_mib(out / "index")), "torch_threads": threads}
     done.write_text(json.dumps(res))
     return res
+
+
+def tile(src: Path, dst: Path, tokens: int) -> dict[str, Any]:
+    """An index of at least ``tokens`` tokens made of copies of ``src``'s shards, document ids
+    shifted per copy (same layout and sizes as a real one; the grids are hard links)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    meta = json.loads((src / "meta.json").read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    shards, docs, total, sid = [], 0, 0, 0
+    while total < tokens:
+        for sh in meta["shards"]:
+            shift = docs - sh["first_doc"]
+            files = {}
+            for kind, name in sh["files"].items():
+                new = name.replace(f"shard-{sh['id']:05d}", f"shard-{sid:05d}")
+                files[kind] = new
+                if (dst / new).exists():
+                    continue
+                if name.endswith(".npy"):
+                    os.link(src / name, dst / new)
+                    continue
+                t = pq.read_table(src / name)
+                i = t.schema.get_field_index("doc")
+                t = t.set_column(i, "doc", pc.add(t.column("doc"), shift))
+                pq.write_table(t, dst / new, row_group_size=131_072, compression="zstd")
+            shards.append({**sh, "id": sid, "first_doc": docs,
+                           "end_doc": sh["end_doc"] + shift, "files": files})
+            docs, total, sid = sh["end_doc"] + shift, total + sh["tokens"], sid + 1
+            if total >= tokens:
+                break
+    meta = {**meta}
+    meta.update(shards=shards, num_docs=docs, num_tokens=total, complete=True)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return {"event": "tiled", "from_tokens": int(meta_tokens(src)), "tokens": total,
+            "docs": docs, "shards": len(shards), "disk_mib": round(disk_mib(dst))}
+
+
+def meta_tokens(index: Path) -> int:
+    return sum(s["tokens"] for s in json.loads((index / "meta.json").read_text())["shards"])
 
 
 def queries(index: Path, model_dir: Path | None, runs: int) -> None:
@@ -194,7 +235,12 @@ def queries(index: Path, model_dir: Path | None, runs: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=1_000_000)
+    p.add_argument("--tokens", type=int, default=1_000_000, help="index size to query")
+    p.add_argument("--build-tokens", type=int,
+                   help="tokens to index with the model (default: --tokens); when fewer, the "
+                        "built shards are copied (document ids shifted) up to --tokens")
+    p.add_argument("--index", help="time the queries on this existing index instead (its "
+                                   "recorded codebooks are loaded)")
     p.add_argument("--quick", action="store_true", help="50k tokens, 3 runs")
     p.add_argument("--out", help="folder for model, codebooks and index (default: temporary)")
     p.add_argument("--runs", type=int, default=7)
@@ -210,11 +256,22 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.tokens, args.runs = min(args.tokens, 50_000), 3
+    args.build_tokens = min(args.build_tokens or args.tokens, args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        emit(**build(args, out))
-        queries(out / "index", None if args.no_model else out / "codebooks", args.runs)
+        if args.index:
+            index = Path(args.index)
+            meta = json.loads((index / "meta.json").read_text())
+            model = None if args.no_model or not meta.get("codebooks") else \
+                Path(meta["codebooks"])
+        else:
+            emit(**build(args, out))
+            index, model = out / "index", None if args.no_model else out / "codebooks"
+        if meta_tokens(index) < args.tokens:
+            emit(**tile(index, out / "tiled", args.tokens))
+            index = out / "tiled"
+        queries(index, model, args.runs)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def test_index_then_search(tmp_path, capsys):
     capsys.readouterr()
     index = CodeIndex.open(tmp_path / "idx")
     assert index.num_docs == 40
+    assert index.meta["codebooks"] == str((tmp_path / "cb").resolve())  # for `browse`
     index.close()
 
     assert main(["search", str(tmp_path / "idx"), "--site", "layers.0.attn_heads",

@@ -42,7 +42,8 @@ def _index(args: argparse.Namespace) -> int:
     if args.max_docs is not None:
         texts = texts.select(range(min(args.max_docs, len(texts))))
     build_index(model, tokenizer, texts, args.out, shard_tokens=args.shard_tokens,
-                batch_size=args.batch_size, text_column=args.text_column)
+                batch_size=args.batch_size, text_column=args.text_column,
+                codebooks=args.codebooks)
     print(f"indexed {len(texts)} documents into {args.out}")
     return 0
 

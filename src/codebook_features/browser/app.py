@@ -104,7 +104,9 @@ class Browser:
     def warm_up(self) -> None:
         """Open the index (and load the model) now; a failure is kept for the page to show."""
         try:
-            self.index  # noqa: B018
+            ix = self.index
+            ix.doc_rows, ix.counts, ix.vocab  # noqa: B018 - the caches the first queries need
+            ix._token_columns()
         except CodebookError:
             pass
 
