@@ -182,19 +182,26 @@ def _naive_positives(ref, pattern):
     return pos
 
 
-def test_regex_search(setup):
-    ref, index = setup["ref"], setup["index"]
-    positives = _naive_positives(ref, PATTERN)
-    assert len(positives) > 10
+def _naive_scores(ref, site, positives):
+    """(precision, recall, group, code) of every code with a hit, sorted as the index sorts
+    them, and the fired / hits counters."""
     fired, hits = Counter(), Counter()
     for d, r in enumerate(ref):
-        for p, groups in enumerate(r["codes"][SITE]):
+        for p, groups in enumerate(r["codes"][site]):
             for g, codes in enumerate(groups):
                 for c in codes:
                     fired[g, c] += 1
                     hits[g, c] += (d, p) in positives
-    want = sorted(((hits[gc] / fired[gc], hits[gc] / len(positives), gc[0], gc[1])
+    want = sorted(((hits[gc] / fired[gc], hits[gc] / len(positives), *gc)
                    for gc in fired if hits[gc]), key=lambda x: (-x[0], -x[1], x[2], x[3]))
+    return want, fired, hits
+
+
+def test_regex_search(setup):
+    ref, index = setup["ref"], setup["index"]
+    positives = _naive_positives(ref, PATTERN)
+    assert len(positives) > 10
+    want, fired, hits = _naive_scores(ref, SITE, positives)
     got = index.regex_search(PATTERN, SITE)
     assert [(m.group, m.code) for m in got] == [(w[2], w[3]) for w in want]
     for m, w in zip(got, want, strict=True):
@@ -361,15 +368,7 @@ def test_token_search_and_windows(setup):
         want_pos = {(d, p) for d, r in enumerate(ref) for p, t in enumerate(r["tokens"])
                     if t[1].strip() == token.strip()}
         assert want_pos
-        fired, hits = Counter(), Counter()
-        for d, r in enumerate(ref):
-            for p, groups in enumerate(r["codes"][HEADS]):
-                for g, codes in enumerate(groups):
-                    for c in codes:
-                        fired[g, c] += 1
-                        hits[g, c] += (d, p) in want_pos
-        want = sorted(((hits[gc] / fired[gc], hits[gc] / len(want_pos), *gc)
-                       for gc in fired if hits[gc]), key=lambda x: (-x[0], -x[1], x[2], x[3]))
+        want = _naive_scores(ref, HEADS, want_pos)[0]
         got = index.token_search(token, HEADS)
         assert [(m.group, m.code) for m in got] == [(w[2], w[3]) for w in want]
         assert [m.precision for m in got] == pytest.approx([w[0] for w in want])

@@ -496,12 +496,7 @@ class CodeIndex:
         """
         self._site(site)
         rows = self.regex_rows(pattern)
-        matches = self.score_rows(site, rows, min_hits)
-        if n is not None:
-            matches = matches[:n]
-        if neurons is not None and matches:
-            matches = self._with_neurons(matches, rows, neurons)
-        return matches
+        return self._search(site, rows, n, min_hits, neurons)
 
     def token_search(self, token: str, site: str, n: int | None = None, min_hits: int = 1,
                      neurons: Any = None) -> list[CodeMatch]:
@@ -515,6 +510,11 @@ class CodeIndex:
         got = self.con.execute("SELECT doc, pos FROM tokens WHERE trim(token) = ?",
                                [want]).fetchnumpy()
         rows = self.rows_of(got["doc"], got["pos"])
+        return self._search(site, rows, n, min_hits, neurons)
+
+    def _search(self, site: str, rows: np.ndarray, n: int | None, min_hits: int,
+                neurons: Any) -> list[CodeMatch]:
+        """score_rows, the first ``n``, then the neuron baseline if ``neurons`` are given."""
         matches = self.score_rows(site, rows, min_hits)
         if n is not None:
             matches = matches[:n]
