@@ -313,3 +313,14 @@ def test_page_end_to_end(server, tmp_path):
                 shutil.copy(shot, out / "browser.png")
         finally:
             browser.close()
+
+
+def test_browse_port_in_use(built, capsys):
+    from codebook_features.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["browse", str(built["index"]), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot listen on 127.0.0.1:{port} (Address already in use); " \
+                  "pass another --port or --host"

@@ -21,10 +21,21 @@ def _browse_options(p: argparse.ArgumentParser) -> None:
 @command("browse", "serve a web page to search and read codes, and steer with them",
          _browse_options)
 def _browse(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
     import uvicorn
 
+    from ..errors import CodebookError
     from .app import create_app
 
+    try:  # a clear one-line error rather than uvicorn's log when the port is taken
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise CodebookError(f"cannot listen on {args.host}:{args.port} ({why}); pass "
+                            "another --port or --host") from None
     app = create_app(args.index, model=args.model, neuron_tokens=args.neuron_tokens)
     print(f"code browser on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
