@@ -81,13 +81,20 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def train_args(cls, out: Path, batch: int, seed: int, steps: int, lr: float, **kw: Any):
+    """Trainer arguments of the demo jobs (``cls``: TrainingArguments or a subclass): no
+    checkpoints, no reporting, CPU unless CUDA; ``kw`` adds or overrides settings."""
+    settings: dict[str, Any] = dict(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
+        learning_rate=lr, lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(50, steps // 10), weight_decay=0.0, logging_steps=max(1, steps // 5),
+        save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=False, log_level="warning")
+    return cls(**{**settings, **kw})
+
+
 def _train_args(cls, out: Path, cfg: DemoConfig, steps: int, lr: float, **kw: Any):
-    return cls(output_dir=str(out), max_steps=steps, per_device_train_batch_size=cfg.batch,
-               learning_rate=lr, lr_scheduler_type="constant_with_warmup",
-               warmup_steps=min(50, steps // 10), weight_decay=0.0,
-               logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], seed=cfg.seed,
-               use_cpu=not torch.cuda.is_available(),
-               dataloader_num_workers=0, disable_tqdm=False, log_level="warning", **kw)
+    return train_args(cls, out, cfg.batch, cfg.seed, steps, lr, **kw)
 
 
 def _model_metrics(model: torch.nn.Module, fsm, eval_ds, cfg: DemoConfig) -> dict[str, float]:

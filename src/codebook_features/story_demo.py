@@ -51,8 +51,10 @@ class StoryDemoConfig:
     """Codes per attention head."""
     k: int = 8
     topics: tuple[str, ...] = ("dragon", "flower", "fire", "baby", "princess")
-    codes_per_topic: int = 4
-    """Codes forced on when steering towards a topic (the best-ranked ones)."""
+    codes_per_topic: int = 8
+    """Codes forced on when steering towards a topic (the best-ranked ones). With k=8, 8 codes
+    written over the weakest slots keep the stories fluent; 16 raise the mention rate to
+    about 95% but overwrite whole heads and the text degrades."""
     steer_mode: str = "replace"
     samples_per_prompt: int = 16
     gen_tokens: int = 64
@@ -81,13 +83,13 @@ def _rows_dataset(tok: Any, stories: list[dict[str, Any]], seq_len: int):
 
 
 def _args(cls, out: Path, cfg: StoryDemoConfig, steps: int, lr: float, **kw: Any):
-    return cls(output_dir=str(out), max_steps=steps, per_device_train_batch_size=cfg.batch,
-               learning_rate=lr, lr_scheduler_type="warmup_stable_decay",
-               lr_scheduler_kwargs={"num_decay_steps": max(1, steps // 5)},
-               warmup_steps=max(1, steps // 20), weight_decay=0.01, adam_beta2=0.95,
-               max_grad_norm=1.0, logging_steps=max(1, steps // 5), save_strategy="no",
-               report_to=[], seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
-               dataloader_num_workers=0, disable_tqdm=False, log_level="warning", **kw)
+    from .demo import train_args
+
+    return train_args(cls, out, cfg.batch, cfg.seed, steps, lr,
+                      lr_scheduler_type="warmup_stable_decay",
+                      lr_scheduler_kwargs={"num_decay_steps": max(1, steps // 5)},
+                      warmup_steps=max(1, steps // 20), weight_decay=0.01, adam_beta2=0.95,
+                      max_grad_norm=1.0, **kw)
 
 
 def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
