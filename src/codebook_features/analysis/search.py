@@ -70,6 +70,10 @@ class CodeIndex:
         self.model = model
         self.sites: list[str] = [s["name"] for s in meta["sites"]]
         self.con = duckdb.connect()
+        try:  # every query reads the same files: keep their footers (row-group statistics)
+            self.con.execute("SET parquet_metadata_cache = true")
+        except duckdb.Error:  # pragma: no cover - an older DuckDB without the setting
+            pass
         self._cols = grid_columns(meta["sites"])
         self._offs = count_offsets(meta["sites"])
         self._shard_rows = np.cumsum([0] + [sh["tokens"] for sh in meta["shards"]])

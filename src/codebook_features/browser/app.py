@@ -14,7 +14,9 @@
 Every answer is JSON; bad input gives status 400 and ``{"error": "one line"}``, anything else
 that fails 500 and the same shape, and the server keeps serving. Queries run on the index's
 Parquet files (DuckDB) and its memory-mapped code grid (see :mod:`..analysis.index`); one
-lock serialises them, since a DuckDB connection serves one query at a time.
+lock serialises them, since a DuckDB connection serves one query at a time; another lock
+serialises the model's work (steering, similar codes), so a generation does not hold up index
+queries.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Browser:
         self.model_dir = None if model is None else Path(model)
         self.neuron_tokens = int(neuron_tokens)
         self.lock = threading.RLock()
+        self.model_lock = threading.RLock()
+        self._open_lock = threading.Lock()
         self._index: Any = None
         self.model: Any = None
         self.tokenizer: Any = None
@@ -63,9 +67,10 @@ class Browser:
         """The open CodeIndex; raises the CodebookError that explains why it does not open."""
         from ..analysis import CodeIndex
 
-        if self._index is None:
-            self._index = CodeIndex.open(self.path)
-            self._load_model()
+        with self._open_lock:
+            if self._index is None:
+                self._index = CodeIndex.open(self.path)
+                self._load_model()
         return self._index
 
     def _load_model(self) -> None:
@@ -234,7 +239,8 @@ async def steer(b: Browser, request: Request) -> dict[str, Any]:
         raise CodebookError("the request body is not JSON") from None
     if not isinstance(body, dict):
         raise CodebookError("the request body must be a JSON object")
-    return await _in_thread(b, lambda: _steer(b, body))
+    await _in_thread(b, lambda: b.index)  # opened (and the model loaded) under the index lock
+    return await _in_thread(b, lambda: _steer(b, body), model=True)
 
 
 def _steer(b: Browser, body: dict[str, Any]) -> dict[str, Any]:
@@ -266,23 +272,24 @@ def _steer(b: Browser, body: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- application
-async def _in_thread(b: Browser, fn: Callable[[], Any]) -> Any:
+async def _in_thread(b: Browser, fn: Callable[[], Any], model: bool = False) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     def locked() -> Any:
-        with b.lock:
+        with b.model_lock if model else b.lock:
             return fn()
 
     return await run_in_threadpool(locked)
 
 
-def _endpoint(b: Browser, handler: Callable[..., Any], is_async: bool = False) -> Any:
+def _endpoint(b: Browser, handler: Callable[..., Any], is_async: bool = False,
+              model: bool = False) -> Any:
     async def run(request: Request) -> JSONResponse:
         try:
             if is_async:
                 out = await handler(b, request)
             else:
-                out = await _in_thread(b, lambda: handler(b, request.query_params))
+                out = await _in_thread(b, lambda: handler(b, request.query_params), model)
             return JSONResponse(out)
         except CodebookError as e:
             return JSONResponse({"error": one_line(e)}, status_code=400)
@@ -312,7 +319,7 @@ def create_app(index: str | os.PathLike, model: str | os.PathLike | None = None,
         Route("/api/regex", _endpoint(b, regex)),
         Route("/api/token", _endpoint(b, token)),
         Route("/api/code", _endpoint(b, code)),
-        Route("/api/similar", _endpoint(b, similar)),
+        Route("/api/similar", _endpoint(b, similar, model=True)),
         Route("/api/codes_at", _endpoint(b, codes_at)),
         Route("/api/steer", _endpoint(b, steer, is_async=True), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
