@@ -120,6 +120,15 @@ def test_config_file_errors(tmp_path):
         load_config(CONFIG)
 
 
+def test_yaml_no_and_yes_stay_strings(tmp_path):
+    """YAML 1.1 reads ``no`` as False; HF settings like ``eval_strategy: no`` need the word."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: m\ntraining:\n  save_strategy: no\n  disable_tqdm: true\n")
+    cfg = load_config(cfg_file, ["training.eval_strategy=no", "training.bf16=false"])
+    assert cfg.training["save_strategy"] == "no" and cfg.training["eval_strategy"] == "no"
+    assert cfg.training["disable_tqdm"] is True and cfg.training["bf16"] is False
+
+
 def _train_proc(d: Path, corpus: Path, out: Path) -> subprocess.Popen:
     args = overrides(d, corpus, f"training.output_dir={out}", "training.max_steps=40",
                      "training.save_steps=5", "training.logging_steps=5")

@@ -115,6 +115,22 @@ def _check_keys(given: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     return {k: _coerce(v, _scalar_type(fields[k]), f"{where}.{k}") for k, v in given.items()}
 
 
+def _yaml_load(text: str) -> Any:
+    """YAML with the 1.2 booleans: only true/false, so ``save_strategy: no`` stays "no"."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+        for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
     """Read a config file, apply ``section.key=value`` overrides, check every key and type."""
     import yaml
@@ -123,7 +139,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConf
     if not p.is_file():
         raise CodebookError(f"config {p} not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _yaml_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise CodebookError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -138,7 +154,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConf
             cur = cur.setdefault(part, {})
             if not isinstance(cur, dict):
                 raise CodebookError(f"override {item!r}: {part} is not a section")
-        cur[parts[-1]] = yaml.safe_load(value) if value else None
+        cur[parts[-1]] = _yaml_load(value) if value else None
     top = _check_keys(raw, TrainConfig, "config")
     data = _check_keys(top.pop("data", None) or {}, DataConfig, "data")
     cfg = TrainConfig(**top, data=DataConfig(**data))
