@@ -82,6 +82,7 @@ class CodeIndex:
         self._counts: np.ndarray | None = None
         self._tok_cols: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._vocab: dict[int, str] | None = None
+        self._texts: dict[int, tuple[str, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._regex_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         for kind in ("tokens", "codes", "docs"):
             files = ", ".join("'" + str(path / s["files"][kind]).replace("'", "''") + "'"
@@ -434,8 +435,6 @@ class CodeIndex:
         spans a newline that joins two documents; otherwise document by document. Both give
         the same matches.
         """
-        import pyarrow.parquet as pq
-
         rx = _compile(pattern)
         key = (rx.pattern, rx.flags)
         if key in self._regex_cache:
@@ -444,15 +443,11 @@ class CodeIndex:
         joinable = not any(t in rx.pattern for t in ("^", "$", "\\A", "\\Z", "(?<", "(?=",
                                                        "(?!"))
         out: list[np.ndarray] = []
-        for sh, row0 in zip(self.meta["shards"], self._shard_rows, strict=False):
-            texts = pq.read_table(self.path / sh["files"]["docs"], columns=["doc", "text"])
-            order = np.argsort(texts.column("doc").to_numpy(), kind="stable")
-            texts = [texts.column("text")[int(i)].as_py() for i in order]
-            lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
-            first = np.concatenate([[0], np.cumsum(lengths + 1)])  # char offset of each doc
+        for i, row0 in enumerate(self._shard_rows[:-1]):
+            joined, first, st, en = self._shard_text(i)
             spans = None
             if joinable:
-                spans = np.asarray([a.span() for a in rx.finditer("\n".join(texts))],
+                spans = np.asarray([a.span() for a in rx.finditer(joined)],
                                    np.int64).reshape(-1, 2)
                 spans = spans[spans[:, 1] > spans[:, 0]]
                 joins = first[1:-1] - 1  # the newline after each document but the last
@@ -461,16 +456,13 @@ class CodeIndex:
                                                < spans[:, 1])):
                     spans = None  # a match runs across two documents: search them one by one
             if spans is None:
-                m = [(a.start() + int(first[i]), a.end() + int(first[i]))
-                     for i, t in enumerate(texts) for a in rx.finditer(t) if a.end() > a.start()]
+                m = [(a.start() + int(first[d]), a.end() + int(first[d]))
+                     for d in range(len(first) - 1)
+                     for a in rx.finditer(joined[first[d]:first[d + 1] - 1])
+                     if a.end() > a.start()]
                 spans = np.asarray(m, np.int64).reshape(-1, 2)
             if len(spans) == 0:
                 continue
-            tok = pq.read_table(self.path / sh["files"]["tokens"],
-                                columns=["doc", "start", "end"])  # written in (doc, pos) order
-            local_doc = tok.column("doc").to_numpy() - sh["first_doc"]
-            st = tok.column("start").to_numpy().astype(np.int64) + first[local_doc]
-            en = tok.column("end").to_numpy().astype(np.int64) + first[local_doc]
             # First match ending after the token's start; it overlaps if it starts before the
             # token's end (matches are sorted and disjoint).
             j = np.searchsorted(spans[:, 1], st, side="right")
@@ -482,6 +474,27 @@ class CodeIndex:
         while len(self._regex_cache) > 16:
             self._regex_cache.popitem(last=False)
         return rows
+
+    def _shard_text(self, i: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """Shard ``i``'s documents joined by newlines, each document's first character in it
+        (plus the end), and every token's start and end in it (by row; cached: the text plus
+        16 bytes a token)."""
+        if i not in self._texts:
+            import pyarrow.parquet as pq
+
+            sh = self.meta["shards"][i]
+            t = pq.read_table(self.path / sh["files"]["docs"], columns=["doc", "text"])
+            order = np.argsort(t.column("doc").to_numpy(), kind="stable")
+            texts = t.column("text").take(order).to_pylist()
+            lengths = np.fromiter((len(x) for x in texts), np.int64, len(texts))
+            first = np.concatenate([[0], np.cumsum(lengths + 1)])
+            lo, hi = int(self._shard_rows[i]), int(self._shard_rows[i + 1])
+            _, starts, ends = self._token_columns()
+            docs = np.searchsorted(self.doc_rows, np.arange(lo, hi), side="right") - 1
+            char0 = first[docs - sh["first_doc"]]
+            self._texts[i] = ("\n".join(texts), first, starts[lo:hi] + char0,
+                              ends[lo:hi] + char0)
+        return self._texts[i]
 
     def regex_search(self, pattern: str | re.Pattern[str], site: str, n: int | None = None,
                      min_hits: int = 1, neurons: Any = None) -> list[CodeMatch]:

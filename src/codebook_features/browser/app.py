@@ -112,6 +112,8 @@ class Browser:
             ix = self.index
             ix.doc_rows, ix.counts, ix.vocab  # noqa: B018 - the caches the first queries need
             ix._token_columns()
+            for i in range(len(ix.meta["shards"])):
+                ix._shard_text(i)
         except CodebookError:
             pass
 
