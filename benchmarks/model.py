@@ -103,6 +103,7 @@ def measure(shape: Shape, warmup: int, repeats: int, **codebook_kw) -> dict:
         "groups": shape.heads, "layers": shape.layers, "repeats": repeats,
         "threads": torch.get_num_threads(),
         "chunk_mib": model.codebook_config.chunk_mib,
+        "search_backend": model.codebook_config.search_backend,
     }
 
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads (default: torch's; 1 is steadier on a busy machine)")
     ap.add_argument("--chunk-mib", type=float, default=None,
                     help="similarity block bound of the exact search (default: the library's)")
+    ap.add_argument("--search-backend", default=None,
+                    help="top-k search backend (auto, torch, faiss, torch_bf16; default auto)")
     ap.add_argument("--no-check-finite", action="store_true",
                     help="skip the NaN/inf check of codebook inputs")
     args = ap.parse_args(argv)
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         kw["chunk_mib"] = args.chunk_mib
     if args.no_check_finite:
         kw["check_finite"] = False
+    if args.search_backend:
+        kw["search_backend"] = args.search_backend
     if args.threads:
         torch.set_num_threads(args.threads)
     for shape in SHAPES:

@@ -1,23 +1,35 @@
 """Codebook layer speed and memory against its peers, measured in the same run.
 
 Prints one JSON object per line: impl, N, d, C, k, G, dtype, fwd_ms, fwdbwd_ms (null for
-forward-only peers), peak_mib (peak resident memory above the inputs, in MiB), plus
-``x_matmul`` (time over the similarity matmul of the same shape: the floor).
+forward-only peers), peak_mib (peak resident memory above the inputs, in MiB, from a fresh
+process per peer), and ratios: ``fwdbwd_x_faiss`` (over FAISS's forward),
+``naive_x`` (naive fwd+bwd over this one's), ``fwd_x_matmul`` (over the similarity matmul).
+Timings interleave the peers round by round (median of ``--repeats`` rounds, after a warm-up
+round), so a busy machine slows them alike; the load average is printed before and after.
 
-Peers: ``codebook`` (this library's CodebookLayer, LayerNorm off so every peer does the same
-work), ``matmul`` (the similarity matmul alone), ``naive`` (full N x C similarity, top-k, a
-gather with dense autograd, a Python loop over groups: the paper's approach), ``faiss_flatip``
-(FAISS IndexFlatIP search, forward only) and ``vqtorch`` (vector-quantize-pytorch, k=1 only).
-Each (impl, shape) runs in a fresh subprocess so that peak memory is its own.
+Peers: ``codebook`` (this library's CodebookLayer, default ``auto`` search, LayerNorm off so
+every peer does the same work), ``codebook_torch`` (the torch chunked backend),
+``codebook_bf16`` (bfloat16 similarity + exact re-rank; also reports ``code_agreement`` with
+exact search), ``matmul`` (the similarity matmul alone), ``naive`` (full N x C similarity,
+top-k, a gather with dense autograd, a Python loop over groups: the paper's approach),
+``faiss_flatip`` (FAISS IndexFlatIP search, forward only) and ``vqtorch``
+(vector-quantize-pytorch, k=1 only).
+
+``--approx`` instead measures eval-mode approximate search (``set_approximate``: HNSW, IVF)
+against the exact forward: ``recall_at_k`` (fraction of the exact top-k codes found),
+``speedup`` and ``build_ms`` (index construction, paid once per codebook version), on random
+codes and on clustered codes with inputs near them.
 
     python benchmarks/snap.py            # DESIGN section 3 shapes
     python benchmarks/snap.py --quick    # small shapes, seconds
+    python benchmarks/snap.py --approx   # approximate inference search
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -31,21 +43,39 @@ SHAPES = [  # (N, d, C, k, G)
     (16384, 128, 1000, 1, 4),
 ]
 QUICK = [(1024, 128, 2000, 4, 1), (1024, 128, 2000, 4, 4), (4096, 64, 500, 1, 2)]
-IMPLS = ["matmul", "codebook", "naive", "faiss_flatip", "vqtorch"]
+IMPLS = ["matmul", "codebook", "codebook_torch", "codebook_bf16", "naive", "faiss_flatip",
+         "vqtorch"]
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``) or its peak (``VmHWM``) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+def reset_peak() -> None:
+    """Restart the peak-RSS counter (Linux: ``clear_refs`` 5), so VmHWM counts from now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def interleaved(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median ms of each closure, run round-robin (one warm-up round first)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def build(impl: str, n: int, d: int, c: int, k: int, g: int):
@@ -63,10 +93,14 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
         book_t = torch.randn(g, dg, c)
         return (lambda: torch.bmm(xs, book_t)), None
 
-    if impl == "codebook":
+    if impl.startswith("codebook"):
         from codebook_features import CodebookLayer
 
-        layer = CodebookLayer(dim=d, num_codes=c, k=k, groups=g, layernorm=False)
+        backend = {"codebook": "auto", "codebook_torch": "torch",
+                   "codebook_bf16": "torch_bf16"}[impl]
+        torch.manual_seed(1)  # every codebook peer gets the same codes
+        layer = CodebookLayer(dim=d, num_codes=c, k=k, groups=g, layernorm=False,
+                              search_backend=backend)
 
         def fwd():
             with torch.no_grad():
@@ -77,6 +111,7 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
             x.grad = None
             layer(x).backward(grad_out)
 
+        fwd.layer = layer
         return fwd, fwdbwd
 
     if impl == "naive":
@@ -146,8 +181,10 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
     raise ValueError(impl)
 
 
-def measure(impl: str, shape: tuple[int, ...], repeats: int) -> dict | None:
-    """Run in this process: time forward and forward+backward, report peak memory."""
+def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
+    """Run in this (fresh) process: peak resident MiB above the inputs over a few steps."""
+    import faiss
+    import numpy as np
     import torch
 
     n, d, c, k, g = shape
@@ -155,49 +192,134 @@ def measure(impl: str, shape: tuple[int, ...], repeats: int) -> dict | None:
     if built is None:
         return None
     fwd, fwdbwd = built
-    # Load the kernels' libraries and thread pools before taking the baseline.
+    # Load every library's kernels, thread pools and work buffers first, for every peer.
     torch.randn(256, 256) @ torch.randn(256, 256)
     torch.randn(256, 256).topk(4)
+    faiss.knn(np.ones((256, 64), "float32"), np.ones((256, 64), "float32"), 4,
+              metric=faiss.METRIC_INNER_PRODUCT)
     base = rss_mib()
-    fwd_ms = timeit(fwd, repeats)
-    fwdbwd_ms = timeit(fwdbwd, repeats) if fwdbwd else None
-    return {"impl": impl, "N": n, "d": d, "C": c, "k": k, "G": g, "dtype": "float32",
-            "fwd_ms": round(fwd_ms, 2),
-            "fwdbwd_ms": None if fwdbwd_ms is None else round(fwdbwd_ms, 2),
-            "peak_mib": round(max(0.0, rss_mib() - base), 1),
-            "threads": torch.get_num_threads()}
+    reset_peak()
+    for _ in range(3):
+        (fwdbwd or fwd)()
+    return round(max(0.0, rss_mib("VmHWM") - base), 1)
+
+
+def measure_shape(shape: tuple[int, ...], impls: list[str], repeats: int) -> list[dict]:
+    """Time every peer at one shape in this process, interleaved; agreement of bf16 codes."""
+    import torch
+
+    n, d, c, k, g = shape
+    built = {impl: build(impl, n, d, c, k, g) for impl in impls}
+    built = {impl: b for impl, b in built.items() if b is not None}
+    fwd = interleaved({impl: b[0] for impl, b in built.items()}, repeats)
+    fwdbwd = interleaved({impl: b[1] for impl, b in built.items() if b[1]}, repeats)
+    rows = []
+    for impl in built:
+        rows.append({"impl": impl, "N": n, "d": d, "C": c, "k": k, "G": g,
+                     "dtype": "float32", "fwd_ms": round(fwd[impl], 2),
+                     "fwdbwd_ms": round(fwdbwd[impl], 2) if impl in fwdbwd else None,
+                     "threads": torch.get_num_threads()})
+    if "codebook" in built and "codebook_bf16" in built:
+        codes = []
+        for impl in ("codebook", "codebook_bf16"):
+            built[impl][0]()
+            codes.append(built[impl][0].layer.last_codes.sort(-1).values)
+        agree = float((codes[0] == codes[1]).all(-1).float().mean())
+        for row in rows:
+            if row["impl"] == "codebook_bf16":
+                row["code_agreement"] = round(agree, 5)
+    return rows
+
+
+def approx_rows(shape: tuple[int, ...], repeats: int) -> list[dict]:
+    """Eval-mode approximate search vs the exact forward: recall@k, speed-up, build time."""
+    import torch
+
+    from codebook_features import CodebookLayer
+
+    n, d, c, k, g = shape
+    dg = d // g
+    out = []
+    for data in ("random", "clustered"):
+        torch.manual_seed(0)
+        layer = CodebookLayer(dim=d, num_codes=c, k=k, groups=g, layernorm=False).eval()
+        if data == "random":
+            x = torch.randn(n, d)
+        else:  # codes in 50 clusters per group; inputs are noisy copies of random codes
+            centres = torch.randn(g, 50, dg)
+            book = centres.repeat_interleave(-(-c // 50), 1)[:, :c] + 0.3 * torch.randn(g, c, dg)
+            with torch.no_grad():
+                layer.codebook.copy_(book)
+            pick = torch.randint(c, (n, g))
+            x = (book[torch.arange(g), pick] + 0.3 * torch.randn(n, g, dg)).reshape(n, d)
+        variants = {"exact": None, "hnsw": ("hnsw", {}), "ivf": ("ivf", {"nprobe": 8})}
+        codes, fns, build_ms, indexes = {}, {}, {}, {}
+        for name, spec in variants.items():
+            def run(spec=spec, layer=layer, x=x, indexes=indexes):
+                if spec is None:
+                    layer.set_approximate(None)
+                else:
+                    layer.approximate = indexes[spec[0]]
+                with torch.no_grad():
+                    layer(x)
+                return layer.last_codes
+            fns[name] = run
+        for kind, params in (("hnsw", {}), ("ivf", {"nprobe": 8})):
+            layer.set_approximate(kind, **params)
+            indexes[kind] = layer.approximate
+            t = time.perf_counter()
+            indexes[kind]._build(layer.codebook.detach())
+            build_ms[kind] = (time.perf_counter() - t) * 1000
+        for name, fn in fns.items():
+            codes[name] = fn().clone()
+        ms = interleaved(fns, repeats)
+        for name in ("hnsw", "ivf"):
+            hit = (codes[name].unsqueeze(-1) == codes["exact"].unsqueeze(-2)).any(-1)
+            out.append({"impl": f"approx_{name}", "data": data, "N": n, "d": d, "C": c, "k": k,
+                        "G": g, "fwd_ms": round(ms[name], 2), "exact_fwd_ms": round(ms["exact"], 2),
+                        "speedup": round(ms["exact"] / ms[name], 2),
+                        "recall_at_k": round(float(hit.float().mean()), 4),
+                        "build_ms": round(build_ms[name], 1)})
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes")
+    p.add_argument("--approx", action="store_true", help="approximate inference search")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--_mem", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._one:  # child process: one implementation at one shape
-        res = measure(args._one[0], tuple(json.loads(args._one[1])), args.repeats)
-        print(json.dumps(res))
+    if args._mem:  # child process: peak memory of one implementation at one shape
+        print(json.dumps(peak_memory(args._mem[0], tuple(json.loads(args._mem[1])))))
         return
+    print(json.dumps({"load_avg_before": load(), "cpus": os.cpu_count()}), flush=True)
     for shape in QUICK if args.quick else SHAPES:
-        matmul_ms = None
-        for impl in args.impls.split(","):
-            out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats),
-                                  "--_one", impl, json.dumps(shape)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                print(json.dumps({"impl": impl, "shape": shape, "error": out.stderr[-400:]}))
-                continue
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            if res is None:
-                continue
-            if impl == "matmul":
-                matmul_ms = res["fwd_ms"]
-            if matmul_ms:
-                res["fwd_x_matmul"] = round(res["fwd_ms"] / matmul_ms, 2)
-                if res["fwdbwd_ms"] is not None:
-                    res["fwdbwd_x_matmul"] = round(res["fwdbwd_ms"] / matmul_ms, 2)
-            print(json.dumps(res), flush=True)
+        if args.approx:
+            for row in approx_rows(shape, args.repeats):
+                print(json.dumps(row), flush=True)
+            continue
+        impls = args.impls.split(",")
+        rows = measure_shape(shape, impls, args.repeats)
+        by = {r["impl"]: r for r in rows}
+        for row in rows:
+            if not args.no_memory:
+                out = subprocess.run([sys.executable, __file__, "--_mem", row["impl"],
+                                      json.dumps(shape)], capture_output=True, text=True)
+                row["peak_mib"] = (json.loads(out.stdout.strip().splitlines()[-1])
+                                   if out.returncode == 0 else None)
+            if "matmul" in by:
+                row["fwd_x_matmul"] = round(row["fwd_ms"] / by["matmul"]["fwd_ms"], 2)
+            if row["fwdbwd_ms"] is not None:
+                if "faiss_flatip" in by:
+                    row["fwdbwd_x_faiss"] = round(row["fwdbwd_ms"] / by["faiss_flatip"]["fwd_ms"],
+                                                  2)
+                if "naive" in by:
+                    row["naive_x"] = round(by["naive"]["fwdbwd_ms"] / row["fwdbwd_ms"], 2)
+            row["load_avg"] = load()
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -216,3 +216,17 @@ def test_approximate_missing_results_fall_back_to_exact():
     index = snap.ApproximateIndex("ivf", "inner", nlist=10, nprobe=1)
     res = index.search(x[:200], book, 60)
     assert (res.codes >= 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_workspace_reuse_across_shapes(backend):
+    """The layer's reusable buffers give exact results as the token count changes."""
+    torch.manual_seed(0)
+    layer = CodebookLayer(dim=24, num_codes=200, k=3, groups=3, layernorm=False,
+                          search_backend=backend, chunk_mib=0.01)
+    for n in (50, 7, 120, 50):
+        a = torch.randn(n, 24)
+        with torch.no_grad():
+            layer(a)
+        ref = naive_search(a.view(n, 3, 8), layer.codebook.detach(), 3, "cosine")[0]
+        assert torch.equal(layer.last_codes.sort(-1).values, ref.sort(-1).values)

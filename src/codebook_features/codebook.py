@@ -190,6 +190,7 @@ class CodebookLayer(nn.Module):
         self.last_mse: Tensor | None = None
         self._recent: Tensor | None = None  # recent normed inputs (M, G, dg) for dead codes
         self.approximate: snap.ApproximateIndex | None = None  # eval-mode search, see below
+        self._workspace = snap.Workspace()  # the search's reusable scratch buffers
 
     # ------------------------------------------------------------------ forward
     def extra_repr(self) -> str:
@@ -225,7 +226,8 @@ class CodebookLayer(nn.Module):
         if (self.approximate is not None and not self.training and x.device.type == "cpu"
                 and x.dtype == torch.float32):
             return self.approximate.search(x, book, c.k)
-        return snap.search(x, book, c.k, c.similarity, c.chunk_mib, c.search_backend)
+        return snap.search(x, book, c.k, c.similarity, c.chunk_mib, c.search_backend,
+                           self._workspace)
 
     def set_approximate(self, kind: str | None = "hnsw", **params: Any) -> None:
         """Use approximate search (FAISS ``hnsw`` or ``ivf``) in eval mode; None turns it off.
@@ -261,7 +263,8 @@ class CodebookLayer(nn.Module):
             return a
         y = snap.snap_combine(xg, self.codebook, codes, weights, c.mse_coeff)
         with torch.no_grad():
-            err = (y - xg).pow(2).sum()
+            diff = (y - xg).view(-1)
+            err = torch.dot(diff, diff)  # one temporary, not two
             self.last_mse = err / xg.numel()
             if self.training and self.track_stats:
                 self._update_stats(xg.detach(), codes, err)

@@ -43,7 +43,42 @@ class SearchResult(NamedTuple):
     scores: Tensor  # (N, G, k) similarity of each chosen code (cosine, inner, or -squared dist)
 
 
-def search_keys(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | None]:
+class Workspace:
+    """Reusable scratch buffers of one layer's search (normalised keys, score blocks, a
+    transposed copy of the inputs), so that a step does not page-fault fresh multi-MiB
+    allocations. Buffers only grow; contents never outlive one search.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A contiguous uninitialised ``shape`` tensor with ``like``'s dtype and device."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or \
+                buf.device != like.device:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    if ws is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return ws.get(name, shape, like)
+
+
+def _unit_keys(codebook: Tensor, ws: Workspace | None) -> Tensor:
+    """``F.normalize(codebook, dim=-1)``, written into the workspace when there is one."""
+    norms = torch.linalg.vector_norm(codebook, dim=-1, keepdim=True).clamp_min_(1e-12)
+    return torch.div(codebook, norms, out=_scratch(ws, "keys", tuple(codebook.shape), codebook))
+
+
+def search_keys(codebook: Tensor, similarity: str, ws: Workspace | None = None,
+                ) -> tuple[Tensor, Tensor | None]:
     """What inputs are matched against: keys ``(G, C, dg)`` and an optional bias ``(G, C)``.
 
     Ranking by ``x . key + bias`` equals ranking by the similarity: cosine needs only unit
@@ -51,7 +86,7 @@ def search_keys(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | Non
     Euclidean ranks by ``x . c - |c|^2 / 2``.
     """
     if similarity == "cosine":
-        return F.normalize(codebook, dim=-1, eps=1e-12), None
+        return _unit_keys(codebook, ws), None
     if similarity == "inner":
         return codebook, None
     if similarity == "euclidean":
@@ -153,26 +188,28 @@ def _finish_scores(scores: Tensor, x: Tensor, similarity: str) -> Tensor:
 
 @torch.no_grad()
 def search(x: Tensor, codebook: Tensor, k: int, similarity: str = "cosine",
-           chunk_mib: float = 16.0, backend: str = "auto") -> SearchResult:
+           chunk_mib: float = 16.0, backend: str = "auto", workspace: Workspace | None = None,
+           ) -> SearchResult:
     """Top-k codes of every token in every group; exact except for ``torch_bf16``.
 
     Extra memory is bounded: one ``(G, chunk, C)`` score block of ``chunk_mib`` (torch) or
     FAISS's fixed query x database block (faiss), never ``N x C``. Scores are true
     similarities: cosine (``x . c / |x||c|``), inner product, or negative squared Euclidean
-    distance. See the module docstring for the backends.
+    distance. See the module docstring for the backends. ``workspace`` (one per layer) keeps
+    the scratch buffers between calls.
     """
     backend = resolve_backend(backend, x)
     if backend == "faiss":
-        return _search_faiss(x, codebook, k, similarity)
-    keys, bias = search_keys(codebook, similarity)
+        return _search_faiss(x, codebook, k, similarity, workspace)
+    keys, bias = search_keys(codebook, similarity, workspace)
     if backend == "torch_bf16":
         return _search_bf16(x, keys, bias, k, similarity, chunk_mib)
-    codes, scores = _search_torch(x, keys, bias, k, chunk_mib)
+    codes, scores = _search_torch(x, keys, bias, k, chunk_mib, workspace)
     return SearchResult(codes, _finish_scores(scores, x, similarity))
 
 
 def _search_torch(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, chunk_mib: float,
-                  ) -> tuple[Tensor, Tensor]:
+                  ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
     """Exact chunked top-k of ``x . key + bias``: codes and ranking scores ``(N, G, k)``."""
     n, g, dg = x.shape
     num_codes = keys.shape[1]
@@ -182,7 +219,7 @@ def _search_torch(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, chunk_mi
     bs = block_size(num_codes, k)
     codes = torch.empty(g, n, k, dtype=torch.long, device=x.device)
     scores = torch.empty(g, n, k, dtype=x.dtype, device=x.device)
-    buf = torch.empty(g * chunk * num_codes, dtype=x.dtype, device=x.device)
+    buf = _scratch(ws, "scores", (g * chunk * num_codes,), x)
     bias3 = None if bias is None else bias.unsqueeze(1)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
@@ -197,7 +234,8 @@ def _search_torch(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, chunk_mi
     return codes.transpose(0, 1).contiguous(), scores.transpose(0, 1).contiguous()
 
 
-def _search_faiss(x: Tensor, codebook: Tensor, k: int, similarity: str) -> SearchResult:
+def _search_faiss(x: Tensor, codebook: Tensor, k: int, similarity: str,
+                  ws: Workspace | None = None) -> SearchResult:
     """Exact search by FAISS's blocked brute force, one call per group (CPU float32)."""
     faiss = _faiss()
     if faiss is None:
@@ -208,10 +246,12 @@ def _search_faiss(x: Tensor, codebook: Tensor, k: int, similarity: str) -> Searc
     _sync_faiss_threads(faiss)
     n, g, dg = x.shape
     num_codes = codebook.shape[1]
-    keys = (F.normalize(codebook, dim=-1, eps=1e-12) if similarity == "cosine"
-            else codebook.contiguous()).to(torch.float32)
-    xt = x.reshape(n, dg) if g == 1 else x.transpose(0, 1).contiguous()
-    xt = xt.contiguous().view(g, n, dg)
+    keys = (_unit_keys(codebook, ws) if similarity == "cosine" else codebook).contiguous()
+    if g == 1:
+        xt = x.reshape(n, dg).contiguous().view(1, n, dg)
+    else:
+        xt = _scratch(ws, "xt", (g, n, dg), x)
+        xt.copy_(x.transpose(0, 1))
     dist = torch.empty(g, n, k, dtype=torch.float32)
     labels = torch.empty(g, n, k, dtype=torch.long)
     knn = faiss.knn_L2sqr if similarity == "euclidean" else faiss.knn_inner_product
@@ -402,22 +442,23 @@ class _SnapCombine(torch.autograd.Function):
         grad_codebook = None
         if ctx.needs_input_grad[1]:
             g_c, c, dg = ctx.codebook_shape
-            if ctx.mse_coeff:  # one temporary: (y - x) * coeff + grad_y
+            scale = 1.0 if w else ctx.scalar_w  # tensor weights are applied per slot
+            if ctx.mse_coeff:  # one temporary: ((y - x) * coeff + grad_y) * scale
                 row = torch.sub(y, x).mul_(2.0 * ctx.mse_coeff / x.numel()).add_(grad_y)
+                if scale != 1.0:
+                    row.mul_(scale)
             else:
-                row = grad_y
+                row = grad_y * scale if scale != 1.0 else grad_y
             row = row.reshape(-1, dg)
             grad_codebook = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
             if flat.shape[1] == 1 and not w:
-                grad_codebook.index_add_(0, flat.view(-1), row, alpha=ctx.scalar_w)
+                grad_codebook.index_add_(0, flat.view(-1), row)
             else:
                 # One index_add_ per slot: never expands the rows to (N*G*K, dg).
                 slots = flat.t().contiguous()
                 for j in range(slots.shape[0]):
-                    if w:
-                        grad_codebook.index_add_(0, slots[j], row * w[0][:, j : j + 1])
-                    else:
-                        grad_codebook.index_add_(0, slots[j], row, alpha=ctx.scalar_w)
+                    src = row * w[0][:, j : j + 1] if w else row
+                    grad_codebook.index_add_(0, slots[j], src)
             grad_codebook = grad_codebook.view(g_c, c, dg)
         grad_x = grad_y if ctx.needs_input_grad[0] else None
         return grad_x, grad_codebook, None, None, None
