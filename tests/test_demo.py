@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,26 @@ def test_demo_quick_writes_full_report(tmp_path):
     model = CodebookModel.from_pretrained(out / "attn_k1").eval()
     assert round(lm_metrics(model.base_model, eval_ds, batch_size=64).loss, 4) == \
         report["attn_k1"]["loss"]
+    # configs/tokfsm.yaml finetunes the demo's base model on its saved sequences
+    seq_len = fsm.config.seq_len
+    config = Path(__file__).resolve().parents[1] / "configs" / "tokfsm.yaml"
+    common = [f"model={out / 'base'}", f"data.files=[{out / 'data' / 'train.parquet'}]",
+              "codebooks.num_codes=32", "codebooks.overrides={}", "kmeans_init_batches=1",
+              "training.max_steps=4", "training.report_to=[]", "training.use_cpu=true",
+              "training.save_strategy=no", "training.disable_tqdm=true"]
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "train", str(config),
+                           *common, f"data.seq_len={seq_len}",
+                           f"training.output_dir={tmp_path / 'ft'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ft" / "final" / "metrics.json").read_text())
+    assert 0 < metrics["with_codebooks"]["loss"] < 5
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "train", str(config),
+                           *common, f"data.seq_len={seq_len - 1}",
+                           f"training.output_dir={tmp_path / 'ft2'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert f"has {seq_len} tokens but data.seq_len is {seq_len - 1}" in proc.stderr
 
 
 def test_demo_rejects_bad_override(tmp_path):

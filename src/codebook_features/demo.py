@@ -141,6 +141,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     n_train = cfg.batch * max(cfg.base_steps, cfg.finetune_steps)
     splits = build_splits(fsm, n_train, max(cfg.analysis_sequences, 200), seed=cfg.seed)
     train_ds, eval_ds = splits["train"], splits["eval"]
+    (out / "data").mkdir(exist_ok=True)
+    for name, ds in splits.items():  # for `codebook-features train configs/tokfsm.yaml`
+        tmp = out / "data" / f".{name}.parquet.tmp"
+        ds.select_columns(["input_ids"]).to_parquet(str(tmp))
+        os.replace(tmp, out / "data" / f"{name}.parquet")
     _log(f"{fsm!r}; {n_train} training sequences of {fsm.config.seq_len} tokens")
 
     # 1. Base model from scratch.

@@ -46,6 +46,8 @@ class DataConfig:
     streaming the first max_eval_rows rows)."""
     eval_fraction: float = 0.05
     text_column: str = "text"
+    """Column of text to tokenise and pack; ``input_ids`` takes pre-tokenised rows of
+    seq_len ids as they are (e.g. the TokFSM demo's data/train.parquet)."""
     seq_len: int = 512
     max_train_rows: int | None = None
     """Use at most this many packed rows for training."""
@@ -276,7 +278,7 @@ def wandb_offline_unless_logged_in(args: Any) -> str | None:
 def build_datasets(cfg: TrainConfig, tokenizer: Any, seed: int) -> tuple[Any, Any]:
     """Packed training rows (a ``Dataset``, or an ``IterableDataset`` when streaming) and
     in-memory evaluation rows."""
-    from .data.text import load_text, pack, take_rows
+    from .data.text import load_text, pack, take_rows, token_rows
 
     d = cfg.data
     if d.shuffle_buffer and not d.streaming:
@@ -285,6 +287,8 @@ def build_datasets(cfg: TrainConfig, tokenizer: Any, seed: int) -> tuple[Any, An
 
     def packed(split: str) -> Any:
         text = load_text(d.dataset, d.files, d.config, split, d.text_column, d.streaming)
+        if d.text_column == "input_ids":  # pre-tokenised rows
+            return token_rows(text, d.seq_len)
         return pack(text, tokenizer, d.seq_len, d.text_column)
 
     train_ds = packed(d.split)

@@ -129,6 +129,27 @@ def pack(ds: Any, tokenizer: Any, seq_len: int, text_column: str = "text") -> An
                   features=_features())
 
 
+def token_rows(ds: Any, seq_len: int) -> Any:
+    """Pre-tokenised rows used as they are: an ``input_ids`` column of ``seq_len`` ids per row
+    (e.g. TokFSM sequences, BOS first), with ``labels`` added; other columns are dropped."""
+    import datasets
+
+    def rows(batch: dict[str, list]) -> dict[str, list]:
+        ids = [list(r) for r in batch["input_ids"]]
+        bad = next((len(r) for r in ids if len(r) != seq_len), None)
+        if bad is not None:
+            raise CodebookError(f"data: a pre-tokenised row has {bad} tokens but data.seq_len "
+                                f"is {seq_len}; set data.seq_len to the rows' length")
+        return {"input_ids": ids, "labels": [list(r) for r in ids]}
+
+    cols = ds.column_names or []
+    kw: dict[str, Any] = {"remove_columns": [c for c in cols if c != "input_ids"],
+                          "features": _features()}
+    if not isinstance(ds, datasets.IterableDataset):
+        kw["batch_size"] = BATCH_DOCUMENTS
+    return ds.map(rows, batched=True, **kw)
+
+
 def _stream_rows(source: Any, tokenizer: Any, seq_len: int, text_column: str
                  ) -> Iterator[dict[str, list[int]]]:
     packer = _Packer(tokenizer, seq_len, text_column)
