@@ -36,6 +36,8 @@ def test_quick_run_writes_a_complete_report(quick_run):
         assert all(c["share"] >= c["other_share"] for c in codes[:1]), topic
     ev = report["eval"]
     assert ev["with_codebooks"]["loss"] > 0 and ev["without_codebooks"]["loss"] > 0
+    assert ev["base_model"]["perplexity"] > 1
+    assert "| Base model (before codebooks) |" in (out / "table.md").read_text()
     assert (out / "table.md").read_text().count("|") > 20
     assert json.loads((out / "report.json").read_text())["steering"] == report["steering"]
 

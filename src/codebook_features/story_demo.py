@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
         write_corpus,
     )
     from .evaluate import evaluate_codebooks, format_table
+    from .fsm import lm_metrics
     from .model import CodebookModel
     from .steering import (
         DEFAULT_PROMPTS,
@@ -147,6 +149,8 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     base.save_pretrained(out / "base")
     tok.save_pretrained(out / "base")
     timings["base_train_s"] = time.time() - t0
+    lm = lm_metrics(base.eval(), eval_ds, batch_size=cfg.batch)
+    base_row = {"loss": lm.loss, "accuracy": lm.accuracy, "perplexity": math.exp(lm.loss)}
 
     # 2. Codebooks on every attention head, finetuned with the model.
     t0 = time.time()
@@ -172,7 +176,13 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     # 3. Table 2 rows.
     t0 = time.time()
     metrics = evaluate_codebooks(cbm, eval_ds, batch_size=cfg.batch)
-    _log("evaluation:\n" + format_table(metrics))
+    metrics["base_model"] = base_row
+    table = format_table(metrics).replace(
+        "|---|---|---|---|\n", "|---|---|---|---|\n| Base model (before codebooks) | "
+        f"{base_row['loss']:.3f} | {100 * base_row['accuracy']:.2f} | "
+        f"{base_row['perplexity']:.2f} |\n", 1)
+    _log("evaluation (Without codebooks: the finetuned weights, codebooks bypassed):\n"
+         + table)
     timings["eval_s"] = time.time() - t0
 
     # 4. Index of the held-out stories, for search and browse.
@@ -207,7 +217,7 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     write_json(out / "report.json", report)
-    write_text(out / "table.md", format_table(metrics) + "\n\n" + steering_table + "\n")
+    write_text(out / "table.md", table + "\n\n" + steering_table + "\n")
     _log(f"done in {timings['total_s']:.0f} s: {out / 'report.json'}; browse the codes with "
          f"`codebook-features browse {out / 'index'} --model {model_dir}`")
     return report
