@@ -62,15 +62,23 @@ def reset_peak() -> None:
         f.write("5")
 
 
+CPU_MS: dict[str, float] = {}
+"""Median process CPU ms of the last :func:`interleaved` call (steadier on a busy machine)."""
+
+
 def interleaved(fns: dict[str, object], repeats: int) -> dict[str, float]:
-    """Median ms of each closure, run round-robin (one warm-up round first)."""
+    """Median wall ms of each closure, run round-robin (one warm-up round first)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats + 1):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             if r:
                 times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    CPU_MS.clear()
+    CPU_MS.update({name: statistics.median(ts) * 1000 for name, ts in cpu.items()})
     return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
 
 
@@ -212,12 +220,16 @@ def measure_shape(shape: tuple[int, ...], impls: list[str], repeats: int) -> lis
     built = {impl: build(impl, n, d, c, k, g) for impl in impls}
     built = {impl: b for impl, b in built.items() if b is not None}
     fwd = interleaved({impl: b[0] for impl, b in built.items()}, repeats)
+    fwd_cpu = dict(CPU_MS)
     fwdbwd = interleaved({impl: b[1] for impl, b in built.items() if b[1]}, repeats)
+    fwdbwd_cpu = dict(CPU_MS)
     rows = []
     for impl in built:
         rows.append({"impl": impl, "N": n, "d": d, "C": c, "k": k, "G": g,
                      "dtype": "float32", "fwd_ms": round(fwd[impl], 2),
                      "fwdbwd_ms": round(fwdbwd[impl], 2) if impl in fwdbwd else None,
+                     "fwd_cpu_ms": round(fwd_cpu[impl], 1),
+                     "fwdbwd_cpu_ms": round(fwdbwd_cpu[impl], 1) if impl in fwdbwd else None,
                      "threads": torch.get_num_threads()})
     if "codebook" in built and "codebook_bf16" in built:
         codes = []
@@ -290,12 +302,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch (and FAISS) threads; 1 makes CPU times load-proof")
     p.add_argument("--_mem", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args._mem:  # child process: peak memory of one implementation at one shape
         print(json.dumps(peak_memory(args._mem[0], tuple(json.loads(args._mem[1])))))
         return
-    print(json.dumps({"load_avg_before": load(), "cpus": os.cpu_count()}), flush=True)
+    print(json.dumps({"load_avg_before": load(), "cpus": os.cpu_count(),
+                      "threads": args.threads}), flush=True)
     for shape in QUICK if args.quick else SHAPES:
         if args.approx:
             for row in approx_rows(shape, args.repeats):
@@ -306,7 +325,8 @@ def main() -> None:
         by = {r["impl"]: r for r in rows}
         for row in rows:
             if not args.no_memory:
-                out = subprocess.run([sys.executable, __file__, "--_mem", row["impl"],
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                out = subprocess.run([sys.executable, __file__, *threads, "--_mem", row["impl"],
                                       json.dumps(shape)], capture_output=True, text=True)
                 row["peak_mib"] = (json.loads(out.stdout.strip().splitlines()[-1])
                                    if out.returncode == 0 else None)
@@ -316,8 +336,12 @@ def main() -> None:
                 if "faiss_flatip" in by:
                     row["fwdbwd_x_faiss"] = round(row["fwdbwd_ms"] / by["faiss_flatip"]["fwd_ms"],
                                                   2)
+                    row["fwdbwd_cpu_x_faiss"] = round(
+                        row["fwdbwd_cpu_ms"] / by["faiss_flatip"]["fwd_cpu_ms"], 2)
                 if "naive" in by:
                     row["naive_x"] = round(by["naive"]["fwdbwd_ms"] / row["fwdbwd_ms"], 2)
+                    row["naive_cpu_x"] = round(by["naive"]["fwdbwd_cpu_ms"]
+                                               / row["fwdbwd_cpu_ms"], 2)
             row["load_avg"] = load()
             print(json.dumps(row), flush=True)
 
