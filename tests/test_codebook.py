@@ -393,3 +393,23 @@ def test_non_finite_input_named(bad):
     with pytest.raises(CodebookError, match=r"layers\.2\.attn_heads: input contains NaN or inf"):
         layer(a)
     assert layer.last_codes is None  # no codes were emitted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_against_elementwise(dtype):
+    """The sum-first finiteness check agrees with isfinite().all(), including inputs whose
+    sum overflows although every element is finite, and +inf/-inf that would cancel."""
+    from codebook_features.codebook import _all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.randn(64, 8), torch.full((64, 8), big), torch.tensor([big, big, -big])]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(64, 8)
+        t[3, 2] = bad
+        cases.append(t)
+    both = torch.randn(10)
+    both[1], both[2] = float("inf"), -float("inf")
+    cases.append(both)
+    for t in cases:
+        t = t.to(dtype)
+        assert _all_finite(t) == bool(torch.isfinite(t).all())

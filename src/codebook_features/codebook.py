@@ -159,6 +159,16 @@ class CodebookStats:
     """(G, C): activations of each code per token."""
 
 
+def _all_finite(a: Tensor) -> bool:
+    """Whether every element of ``a`` is finite. A NaN or inf makes the sum non-finite, so the
+    sum (one fast reduction) decides; only a non-finite sum, which an overflow of huge but
+    finite values can also give, is checked element by element."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(a.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(a).all())
+
+
 class CodebookLayer(nn.Module):
     """A codebook bottleneck for activations of width ``config.dim`` (any leading shape)."""
 
@@ -211,7 +221,7 @@ class CodebookLayer(nn.Module):
             raise CodebookError(f"{c.name}: input of shape {shape} has width "
                                 f"{shape[-1] if isinstance(a, Tensor) and a.dim() else '?'}, "
                                 f"but the codebook expects width {c.dim}")
-        if c.check_finite and not bool(torch.isfinite(a).all()):
+        if c.check_finite and not _all_finite(a):
             raise CodebookError(f"{c.name}: input contains NaN or inf; no codes were chosen "
                                 "(check the model's activations, learning rate or precision)")
 
@@ -263,8 +273,7 @@ class CodebookLayer(nn.Module):
             return a
         y = snap.snap_combine(xg, self.codebook, codes, weights, c.mse_coeff)
         with torch.no_grad():
-            diff = (y - xg).view(-1)
-            err = torch.dot(diff, diff)  # one temporary, not two
+            err = torch.dist(y, xg).square()  # fused: no (N, d) temporary
             self.last_mse = err / xg.numel()
             if self.training and self.track_stats:
                 self._update_stats(xg.detach(), codes, err)
