@@ -413,3 +413,21 @@ def test_finite_check_against_elementwise(dtype):
     for t in cases:
         t = t.to(dtype)
         assert _all_finite(t) == bool(torch.isfinite(t).all())
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_counts_statistics_once(reentrant):
+    """A checkpointed layer recomputes its forward in the backward; the statistics and the
+    gradients must equal those of a plain forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain, ckpt = make_layer(k=2).train(), make_layer(k=2).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(30, 24, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain(xa).pow(2).sum().backward()
+    checkpoint(ckpt, xb, use_reentrant=reentrant).pow(2).sum().backward()
+    for name in ("code_counts", "tokens_seen", "step", "sse", "sum_x", "sum_x2"):
+        assert torch.equal(getattr(plain, name), getattr(ckpt, name)), name
+    assert torch.allclose(plain.codebook.grad, ckpt.codebook.grad)
+    assert torch.allclose(xa.grad, xb.grad)

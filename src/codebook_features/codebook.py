@@ -159,6 +159,13 @@ class CodebookStats:
     """(G, C): activations of each code per token."""
 
 
+def _in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: gradient checkpointing recomputing
+    it. Its statistics were counted by the first forward already."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def _all_finite(a: Tensor) -> bool:
     """Whether every element of ``a`` is finite. A NaN or inf makes the sum non-finite, so the
     sum (one fast reduction) decides; only a non-finite sum, which an overflow of huge but
@@ -275,7 +282,7 @@ class CodebookLayer(nn.Module):
         with torch.no_grad():
             err = torch.dist(y, xg).square()  # fused: no (N, d) temporary
             self.last_mse = err / xg.numel()
-            if self.training and self.track_stats:
+            if self.training and self.track_stats and not _in_backward():
                 self._update_stats(xg.detach(), codes, err)
         return y.view(*lead, c.dim).to(a.dtype)
 
