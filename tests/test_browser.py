@@ -108,6 +108,15 @@ def test_api(built, client):
     neur = _ok(client.get("/api/regex", params={"site": MLP, "regex": r"\bonce\b", "n": 3,
                                                 "neurons": 1}))
     assert all(0 <= m["neuron_precision"] <= 1 for m in neur["matches"])
+    # the neurons were computed at start, for every site in one pass, and equal a fresh run
+    b = client.app.state.browser
+    assert set(b._neurons) == {HEADS, MLP}
+    with CodeIndex.open(built["index"], model=built["model"]) as ix:
+        fresh = ix.neuron_activations(built["model"], built["tok"], MLP,
+                                      max_tokens=b.neuron_tokens)
+        want = ix.regex_search(r"\bonce\b", MLP, n=3, neurons=fresh)
+    assert [m["neuron_precision"] for m in neur["matches"]] == \
+        pytest.approx([m.neuron_precision for m in want])
     body = {"prompt": "Once upon a time,", "codes": [f"{HEADS}:{g}:{c}", f"{MLP}:5"],
             "max_new_tokens": 6, "num_samples": 2, "seed": 1}
     out = _ok(client.post("/api/steer", json=body))

@@ -406,6 +406,11 @@ def test_neuron_baseline_on_first_documents(setup):
         best_neuron_precision(some, mask, [m.recall for m in got]))
     with pytest.raises(CodebookError, match="neurons of shape"):
         index.regex_search(PATTERN, SITE, neurons=some[:-1])
+    # every site from one pass equals each site on its own
+    both = index.neuron_activations_at(model, tok, [SITE, HEADS], max_tokens=200)
+    torch.testing.assert_close(both[SITE], some)
+    torch.testing.assert_close(both[HEADS],
+                               index.neuron_activations(model, tok, HEADS, max_tokens=200))
 
 
 def test_regex_positions_whole_shard_search_equals_per_document(setup):

@@ -365,21 +365,30 @@ class CodeIndex:
         ``neurons``. Runs ``model`` (the index's model) over the stored texts again.
         ``max_tokens``: only the first documents, as many as hold at least that many tokens
         in all (a sample for a quick neuron baseline)."""
+        return self.neuron_activations_at(model, tokenizer, [site], batch_size,
+                                          max_tokens)[site]
+
+    def neuron_activations_at(self, model: Any, tokenizer: Any, sites: list[str],
+                              batch_size: int = 8, max_tokens: int | None = None
+                              ) -> dict[str, torch.Tensor]:
+        """:meth:`neuron_activations` of several sites from one pass of the model."""
         check_model(self.meta, model, self.path)
-        self._site(site)
+        for site in sites:
+            self._site(site)
         ndocs = self.num_docs
         if max_tokens is not None:
             ndocs = min(int(np.searchsorted(self.doc_rows, int(max_tokens), side="left")),
                         self.num_docs)
             ndocs = max(ndocs, 1)
         want = int(self.doc_rows[ndocs])
-        layer = model.site(site)
+        layers = {site: model.site(site) for site in sites}
         max_length = int(self.meta["settings"]["max_length"])
         device = next(iter(model.parameters())).device
-        rows: list[torch.Tensor] = []
+        rows: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
         was_training = model.training
         model.eval()
-        layer.recorded = []
+        for layer in layers.values():
+            layer.recorded = []
         try:
             with torch.no_grad():
                 for shard in self.meta["shards"]:
@@ -398,16 +407,21 @@ class CodeIndex:
                         for j, r in enumerate(ids):
                             x[j, :len(r)] = torch.tensor(r)
                             mask[j, :len(r)] = 1
-                        layer.recorded.clear()
+                        for layer in layers.values():
+                            layer.recorded.clear()
                         model(input_ids=x.to(device), attention_mask=mask.to(device))
-                        a = layer.recorded[-1].reshape(len(ids), width, -1).float().cpu()
-                        rows.extend(a[j, :len(r)] for j, r in enumerate(ids))
+                        for site, layer in layers.items():
+                            a = layer.recorded[-1].reshape(len(ids), width, -1).float().cpu()
+                            rows[site].extend(a[j, :len(r)] for j, r in enumerate(ids))
         finally:
-            layer.recorded = None
+            for layer in layers.values():
+                layer.recorded = None
             model.train(was_training)
-        out = torch.cat(rows) if rows else torch.zeros(0, layer.config.dim)
-        if out.shape[0] != want:
-            raise CodebookError(f"neuron_activations: the tokenizer gives {out.shape[0]} tokens "
+        out = {site: torch.cat(r) if r else torch.zeros(0, layers[site].config.dim)
+               for site, r in rows.items()}
+        got = next(iter(out.values())).shape[0] if out else want
+        if got != want:
+            raise CodebookError(f"neuron_activations: the tokenizer gives {got} tokens "
                                 f"but the index holds {want}; pass the tokenizer the index "
                                 "was built with")
         return out

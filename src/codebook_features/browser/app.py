@@ -40,6 +40,8 @@ from ..errors import CodebookError
 STATIC = Path(__file__).with_name("static")
 MAX_N = 500
 """Most rows one query returns."""
+NEURON_WARM_BYTES = 256 << 20
+"""Neuron activations of every site are computed at start when they fit in this."""
 
 
 class Browser:
@@ -114,8 +116,22 @@ class Browser:
             ix._token_columns()
             for i in range(len(ix.meta["shards"])):
                 ix._shard_text(i)
+            self._warm_neurons(ix)
         except CodebookError:
             pass
+
+    def _warm_neurons(self, ix: Any) -> None:
+        """Every site's neuron activations from one pass of the model, when they fit in
+        NEURON_WARM_BYTES (else each site's are computed on its first neuron query)."""
+        if self.model is None:
+            return
+        dims = sum(self.model.site(site).config.dim for site in ix.sites)
+        if 4 * dims * min(self.neuron_tokens, ix.num_tokens) > NEURON_WARM_BYTES:
+            return
+        with self.model_lock:
+            self._neurons.update(ix.neuron_activations_at(
+                self.model, self.tokenizer, list(ix.sites), batch_size=16,
+                max_tokens=self.neuron_tokens))
 
     def need_model(self, what: str) -> Any:
         self.index  # noqa: B018 - opening the index loads the model
