@@ -15,14 +15,30 @@ from codebook_features.analysis import CodeIndex
 from codebook_features.errors import CodebookError
 from codebook_features.evaluate import evaluate_codebooks
 from codebook_features.model import CodebookModel
-from codebook_features.story_demo import _rows_dataset, config_from_args, run_stories
+from codebook_features.story_demo import _rows_dataset, config_from_args
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "codebook_features", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """``codebook-features stories --quick --out OUT`` run as a command: it exits 0, prints the
+    eval and steering figures, and its report.json holds them."""
     out = tmp_path_factory.mktemp("stories") / "run"
+    res = _cli("stories", "--quick", "--out", str(out), cwd=out.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()  # progress lines, then the figures as JSON
+    printed = json.loads("\n".join(lines[len(lines) - lines[::-1].index("{") - 1:]))
+    report = json.loads((out / "report.json").read_text())
+    assert printed["steering"] == report["steering"]
+    assert printed["eval"] == {k: report["eval"][k] for k in ("with_codebooks",
+                                                               "without_codebooks")}
     cfg = config_from_args(argparse.Namespace(out=str(out), quick=True, set=[]))
-    return out, cfg, run_stories(cfg)
+    assert report["config"]["out"] == str(out) and report["config"]["seed"] == cfg.seed
+    return out, cfg, report
 
 
 def test_quick_run_writes_a_complete_report(quick_run):
@@ -56,11 +72,6 @@ def test_saved_model_reloads_with_the_same_metrics(quick_run):
         report["eval"]["with_codebooks"]["loss"], rel=1e-5)
     with CodeIndex.open(out / "index", model=model) as idx:
         assert idx.num_docs == cfg.eval_stories
-
-
-def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "codebook_features", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_steer_command(quick_run, tmp_path):
