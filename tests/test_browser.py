@@ -196,6 +196,19 @@ def test_api_without_model_or_index(built, tmp_path):
             info["model_error"]
         assert "the model the index was built with" in _error(c.post("/api/steer", json={
             "prompt": "x", "codes": [f"{HEADS}:1"]}))
+    # Codebooks of the same shapes but other weights (`browse --model`): refused by their
+    # fingerprint, the index still serves.
+    torch.manual_seed(1234)
+    base = T.AutoModelForCausalLM.from_pretrained(built["root"] / "model")
+    CodebookModel(base, placements=["attn_heads", "mlp_out"], num_codes=32, k=2).save_codebooks(
+        tmp_path / "same_shape", base_model_name=str(built["root"] / "model"))
+    with TestClient(create_app(built["index"], model=tmp_path / "same_shape")) as c:
+        info = _ok(c.get("/api/info"))
+        assert not info["model"] and "other codebook weights" in info["model_error"]
+        assert "rebuild the index" in info["model_error"]
+        assert "other codebook weights" in _error(c.get("/api/similar", params={
+            "site": HEADS, "code": 1}))
+        assert _ok(c.get("/api/code", params={"site": HEADS, "code": 1}))["stats"]
     # A half-written index: every call answers the one-line reason, the server lives on.
     write_json(idx / "meta.json", {**meta, "complete": False})
     with TestClient(create_app(idx)) as c:

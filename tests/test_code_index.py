@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,13 @@ import torch
 import transformers as T
 
 from codebook_features.analysis import CodeIndex, best_neuron_precision, build_index
-from codebook_features.analysis.index import META_NAME, shard_file
+from codebook_features.analysis.index import (
+    META_NAME,
+    codebook_fingerprint,
+    layer_fingerprint,
+    shard_file,
+    site_fingerprints,
+)
 from codebook_features.data.stories import (
     generate_stories,
     tiny_story_model_config,
@@ -360,6 +367,66 @@ def test_errors(setup, tmp_path):
         build_index(setup["model"], object(), ["x"], tmp_path / "c")
     with pytest.raises(CodebookError, match="list of strings"):
         build_index(setup["model"], tok, "just one string", tmp_path / "d")
+
+
+def test_codebook_fingerprint(setup, tmp_path):
+    """An index refuses a model whose codebooks have the same shapes but other weights."""
+    path, tok, model, texts = setup["path"], setup["tok"], setup["model"], setup["texts"]
+    meta = read_json(path / META_NAME)
+    assert meta["site_fingerprints"] == site_fingerprints(model)
+    assert meta["codebook_fingerprint"] == codebook_fingerprint(meta["site_fingerprints"])
+    assert meta["codebook_fingerprint"].startswith("sha256:")
+    # The same weights (another object, reloaded from a save) are accepted.
+    same = _model(tok)
+    model.save_codebooks(tmp_path / "cb")
+    reloaded = CodebookModel.from_pretrained(tmp_path / "cb", base_model=_model(tok).remove_hooks())
+    for m in (same, reloaded):
+        CodeIndex.open(path, model=m).close()
+    # One code vector nudged, or one LayerNorm bias: refused, naming both fingerprints.
+    with torch.no_grad():
+        same.site(SITE).codebook[0, 3, 0] += 1e-3
+    want, got = meta["site_fingerprints"][SITE], layer_fingerprint(same.site(SITE))
+    assert got != want  # the cache sees the in-place change
+    with pytest.raises(CodebookError) as e:
+        CodeIndex.open(path, model=same)
+    msg = str(e.value)
+    assert "\n" not in msg and want in msg and got in msg and SITE in msg
+    assert "pass the model the index was built with" in msg and "rebuild the index" in msg
+    with torch.no_grad():
+        reloaded.site(HEADS).ln.bias += 0.1
+    with pytest.raises(CodebookError, match=f"site {HEADS} has fingerprint"):
+        CodeIndex.open(path, model=reloaded)
+    other = _model(tok, seed=1)  # a fresh random model of the same shapes
+    with pytest.raises(CodebookError, match="other codebook weights"):
+        CodeIndex.open(path, model=other)
+    # Every other pairing of the index with a model checks too.
+    index = setup["index"]
+    with pytest.raises(CodebookError, match="other codebook weights"):
+        index.neuron_activations(other, tok, SITE, max_tokens=50)
+    with pytest.raises(CodebookError, match="other codebook weights"):
+        index.similar_codes(SITE, 3, model=other)
+    with pytest.raises(CodebookError, match="other codebook weights"):
+        index.similar_codes(HEADS, 3, model=other.site(HEADS))
+    assert index.similar_codes(HEADS, 3, model=_model(tok).site(HEADS)) == \
+        index.similar_codes(HEADS, 3)
+    # Resuming an interrupted build with other weights is refused, nothing rewritten.
+    part = tmp_path / "part"
+    shutil.copytree(path, part)
+    write_json(part / META_NAME, {**meta, "complete": False, "shards": meta["shards"][:2]})
+    with pytest.raises(CodebookError, match="fingerprint"):
+        build_index(other, tok, texts, part, shard_tokens=1000, batch_size=4)
+    assert read_json(part / META_NAME)["shards"] == meta["shards"][:2]
+    # An index from before fingerprints: opens with a warning, not an error.
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    write_json(old / META_NAME, {k: v for k, v in meta.items()
+                                 if k not in ("codebook_fingerprint", "site_fingerprints")})
+    with pytest.warns(UserWarning, match="no codebook fingerprint"):
+        with CodeIndex.open(old, model=other) as ix:
+            assert ix.codes_at(0, 1) == index.codes_at(0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CodeIndex.open(old).close()  # no model, nothing to check
 
 
 def test_token_search_and_windows(setup):

@@ -2,7 +2,8 @@
 
 Layout of an index folder (one shard per ``shard_tokens`` tokens, whole documents only)::
 
-    meta.json                        model base_info, sites, tokenizer, settings, shards done
+    meta.json                        model base_info, sites, codebook fingerprint (sha256 of
+                                     the codebook weights), tokenizer, settings, shards done
     shard-00000.tokens.parquet       doc, pos, token_id, token, start, end (one row per token)
     shard-00000.codes.parquet        doc, pos, site, grp, slot, code, score (one row per code)
     shard-00000.docs.parquet         doc, text
@@ -27,7 +28,10 @@ and a rerun skips them (a shard without a meta entry is written again).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,9 +72,71 @@ def site_infos(model: Any) -> list[dict[str, Any]]:
              "num_codes": layer.config.num_codes} for name, layer in model.sites.items()]
 
 
+_LAYER_HASHES: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], str]] = \
+    weakref.WeakKeyDictionary()
+
+
+def layer_fingerprint(layer: Any) -> str:
+    """``"sha256:<hex>"`` over a codebook layer's parameters (the code vectors and the
+    LayerNorm's affine, sorted by name), each as its name, shape and float32 little-endian
+    bytes: equal for layers with the same weights, whatever their device or a save and
+    reload. Cached per layer until a parameter changes (in place or replaced)."""
+    params = sorted(layer.named_parameters(), key=lambda np_: np_[0])
+    hit = _LAYER_HASHES.get(layer)
+    if hit is not None and len(hit[0]) == len(params) and all(
+            n == n0 and ref() is p and p._version == v0
+            for (n, p), (n0, ref, v0) in zip(params, hit[0], strict=True)):
+        return hit[1]
+    h = hashlib.sha256()
+    for name, p in params:
+        t = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy().astype("<f4", copy=False).tobytes())
+    out = "sha256:" + h.hexdigest()
+    _LAYER_HASHES[layer] = (tuple((n, weakref.ref(p), p._version) for n, p in params), out)
+    return out
+
+
+def site_fingerprints(model: Any, sites: Sequence[str] | None = None) -> dict[str, str]:
+    """:func:`layer_fingerprint` of each of ``sites`` (default: every site of the model)."""
+    return {name: layer_fingerprint(model.site(name))
+            for name in (model.site_names if sites is None else sites)}
+
+
+def codebook_fingerprint(per_site: dict[str, str]) -> str:
+    """One ``"sha256:<hex>"`` for a model's codebooks: over the sites' names and
+    :func:`site_fingerprints`, sorted by name."""
+    h = hashlib.sha256()
+    for name, fp in sorted(per_site.items()):
+        h.update(f"{name} {fp}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def check_layer(meta: dict[str, Any], site: str, layer: Any, where: str | os.PathLike) -> None:
+    """Raise a CodebookError if ``layer`` does not hold the weights of ``site``'s codebook in
+    the index at ``where`` (when the index records per-site fingerprints)."""
+    want = (meta.get("site_fingerprints") or {}).get(site)
+    if want is None:
+        return
+    got = layer_fingerprint(layer)
+    if got != want:
+        raise CodebookError(_other_weights(meta, where, site, want, got))
+
+
+def _other_weights(meta: dict[str, Any], where: str | os.PathLike, site: str, want: str,
+                   got: str) -> str:
+    built = f" (codebooks {meta['codebooks']})" if meta.get("codebooks") else ""
+    return (f"{where}: the index was built with other codebook weights of the same shapes: "
+            f"site {site} has fingerprint {want} in the index{built} but {got} in this "
+            "model; pass the model the index was built with, or rebuild the index with this "
+            "model into a new folder")
+
+
 def check_model(meta: dict[str, Any], model: Any, where: str | os.PathLike) -> None:
     """Raise a CodebookError if ``model`` is not the model the index at ``where`` was built
-    with (base model type, layer count, width, and sites with their groups, k, num_codes)."""
+    with: base model type, layer count, width, sites with their groups, k, num_codes, and the
+    codebooks' weights (:func:`site_fingerprints`, recorded in ``meta.json``). An index
+    without a recorded fingerprint (built by an older version) gets a warning instead."""
     info = model.base_info()
     saved = meta["base_model"]
     for key in ("model_type", "num_layers", "hidden_size"):
@@ -90,6 +156,17 @@ def check_model(meta: dict[str, Any], model: Any, where: str | os.PathLike) -> N
                                 f"{m['groups']}/{m['k']}/{m['num_codes']} in this model but "
                                 f"{s['groups']}/{s['k']}/{s['num_codes']} in the index; pass "
                                 "the model the index was built with")
+    want = meta.get("site_fingerprints")
+    if want is None:
+        warnings.warn(f"{where}: the index records no codebook fingerprint (built by an older "
+                      "codebook-features), so whether this model's codebook weights are the "
+                      "ones it was built with cannot be checked; rebuild the index to record "
+                      "it", UserWarning, stacklevel=3)
+        return
+    for site, fp in want.items():
+        got = layer_fingerprint(model.site(site))
+        if got != fp:
+            raise CodebookError(_other_weights(meta, where, site, fp, got))
 
 
 def _text_batches(texts: Any, text_column: str, size: int) -> Iterator[list[str]]:
@@ -198,6 +275,8 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
         "sites": all_sites, "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
         "settings": settings, "shards": [], "complete": False,
     }
+    meta["site_fingerprints"] = site_fingerprints(model, [s["name"] for s in all_sites])
+    meta["codebook_fingerprint"] = codebook_fingerprint(meta["site_fingerprints"])
     if codebooks is not None:
         meta["codebooks"] = str(Path(codebooks).resolve())
     meta_path = path / META_NAME
@@ -210,6 +289,15 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
         if not same:
             raise CodebookError(f"{path}: an index built with another model, tokenizer or "
                                 "settings is there; pass a new folder or delete it")
+        if old.get("codebook_fingerprint", meta["codebook_fingerprint"]) != \
+                meta["codebook_fingerprint"]:
+            raise CodebookError(f"{path}: an index built with codebooks of fingerprint "
+                                f"{old['codebook_fingerprint']} is there, this model's "
+                                f"codebooks have {meta['codebook_fingerprint']} (same shapes, "
+                                "other weights); pass the model it was built with to resume, "
+                                "or a new folder")
+        if "codebook_fingerprint" not in old:  # begun by an older version: stays unchecked
+            del meta["codebook_fingerprint"], meta["site_fingerprints"]
         meta["shards"] = [s for s in old.get("shards", [])
                           if all((path / f).is_file() for f in s["files"].values())]
     done = {s["id"]: s for s in meta["shards"]}

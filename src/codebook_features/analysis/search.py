@@ -14,7 +14,15 @@ import torch
 
 from ..errors import CodebookError
 from ..io import read_json
-from .index import FORMAT, FORMAT_VERSION, META_NAME, check_model, count_offsets, grid_columns
+from .index import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_NAME,
+    check_layer,
+    check_model,
+    count_offsets,
+    grid_columns,
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,10 @@ class CodeIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: Any = None) -> CodeIndex:
-        """Open the index at ``path``; with ``model``, check it is the model it was built with.
+        """Open the index at ``path``; with ``model``, check it is the model it was built with
+        (shapes, and the codebook weights' fingerprint: another model's codebooks of the same
+        shapes are refused; an index built before fingerprints were recorded opens with a
+        warning).
 
         A folder without ``meta.json``, or with an index still being built (or interrupted),
         is refused with a CodebookError.
@@ -617,6 +628,7 @@ class CodeIndex:
             raise CodebookError(f"similar_codes: the layer given does not hold site {site}'s "
                                 f"codebook ({info['groups']} groups x {info['num_codes']} "
                                 "codes); pass the matching model or layer")
+        check_layer(self.meta, site, layer, self.path)
         vecs = torch.nn.functional.normalize(book[int(group)].detach().float(), dim=-1)
         sims = vecs @ vecs[int(code)]
         sims[int(code)] = -float("inf")
