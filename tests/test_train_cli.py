@@ -109,6 +109,62 @@ def test_bad_configs_fail_before_work(workload, extra, match):
     assert not never.exists()  # stopped before any training output was written
 
 
+WIKITEXT = CONFIG.with_name("wikitext103-pythia410m.yaml")
+NO_HUB = "http://127.0.0.1:9"  # HF_ENDPOINT that refuses at once: a hub with no network
+
+
+def _cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.parametrize("endpoint", [None, NO_HUB], ids=["this-network", "no-hub"])
+def test_unreachable_hub_model_fails_fast_with_one_line(tmp_path, endpoint):
+    """A hub name that is neither a folder nor cached: one error line and exit 2 within
+    seconds, whether the hub answers (no such repository) or not (no network), never
+    huggingface_hub's retries (about 25 s of "Retrying in ..." lines before)."""
+    import time
+
+    env = _cli_env(tmp_path, **({"HF_ENDPOINT": endpoint} if endpoint else {}))
+    out = tmp_path / "never"
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "train", str(WIKITEXT),
+                           "model=nobody/no-such-model-xyz", f"training.output_dir={out}",
+                           "training.use_cpu=true"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    took = time.time() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: cannot load model 'nobody/no-such-model-xyz'"), proc.stderr[-2000:]
+    assert took < 20, f"{took:.1f} s"
+    assert not out.exists()
+
+
+def test_cached_hub_model_trains_with_no_hub(workload, tmp_path):
+    """A hub name found in the Hugging Face cache trains with no network: the process goes
+    offline after one failed request instead of retrying every file."""
+    import shutil
+
+    d, corpus = workload
+    repo = tmp_path / "hf" / "hub" / "models--nobody--tiny-stories"
+    shutil.copytree(d / "model", repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "run"
+    args = overrides(d, corpus, "model=nobody/tiny-stories", f"training.output_dir={out}",
+                     "training.max_steps=1", "kmeans_init_batches=0")
+    proc = subprocess.run([sys.executable, "-m", "codebook_features", "train", str(CONFIG),
+                           *args], capture_output=True, text=True, timeout=300,
+                          env=_cli_env(tmp_path, HF_ENDPOINT=NO_HUB))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hub unreachable: loading models and datasets from the Hugging Face cache only" \
+        in proc.stderr
+    assert "Retrying" not in proc.stderr
+    assert (out / "final" / "codebooks.safetensors").is_file()
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(CodebookError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -316,6 +316,76 @@ def build_datasets(cfg: TrainConfig, tokenizer: Any, seed: int) -> tuple[Any, An
     return train_ds, eval_ds
 
 
+HUB_PROBE_TIMEOUT = 3.0
+"""Seconds the one request that checks the hub is reachable may take."""
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``, through any configured proxy) answers one
+    request within ``timeout`` seconds: any HTTP status counts; no retries."""
+    import threading
+
+    from huggingface_hub import constants, get_session
+
+    if constants.is_offline_mode():
+        return False
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+            answered.append(True)
+        except Exception:  # noqa: BLE001 (any failure means unreachable)
+            answered.append(False)
+
+    # A thread bounds the name lookup too, which the request's timeout does not cover.
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(answered and answered[0])
+
+
+def check_model_source(name: str, what: str = "model") -> None:
+    """Fail fast, with one line, when ``name`` can be loaded neither from a local folder, nor
+    from the Hugging Face cache, nor from a reachable hub; with a cached model and no hub,
+    switch the process to offline mode so that no later load retries the network."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(name).expanduser()
+    if path.exists() or constants.is_offline_mode():
+        return  # a folder, or cache-only loads that fail at once
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if looks_local:
+        raise CodebookError(f"cannot load {what} {name!r}: no such folder")
+    cached = False
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 (a name the hub would reject: let the load say why)
+        return
+    if hub_reachable():
+        return
+    if not cached:
+        raise CodebookError(f"cannot load {what} {name!r}: not a local folder, not in the "
+                            f"Hugging Face cache ({constants.HF_HUB_CACHE}), and the hub "
+                            f"({constants.ENDPOINT}) is unreachable (no network?); download it "
+                            "where there is network, or give a local folder")
+    _go_offline()
+
+
+def _go_offline() -> None:
+    """Hub and datasets loads from the cache only, for the rest of this process."""
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    print("hub unreachable: loading models and datasets from the Hugging Face cache only",
+          file=sys.stderr)
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Check, load, train, evaluate and save; returns the final metrics."""
     from transformers import AutoConfig, AutoTokenizer, default_data_collator
@@ -327,6 +397,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from .training import CodebookTrainer, kmeans_init_codebooks, last_complete_checkpoint
 
     args = training_arguments(cfg)
+    check_model_source(cfg.model)
+    if cfg.tokenizer and cfg.tokenizer != cfg.model:
+        check_model_source(cfg.tokenizer, "tokenizer")
     try:
         model_config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
