@@ -186,10 +186,22 @@ def test_yaml_no_and_yes_stay_strings(tmp_path):
 
 
 def _train_proc(d: Path, corpus: Path, out: Path) -> subprocess.Popen:
+    # Dead codes (3 steps unused) replaced every 5 steps: before the kill and after the resume.
     args = overrides(d, corpus, f"training.output_dir={out}", "training.max_steps=40",
-                     "training.save_steps=5", "training.logging_steps=5")
+                     "training.save_steps=5", "training.logging_steps=5",
+                     "training.dead_code_interval=5", "codebooks.dead_code_window=3")
     return subprocess.Popen([sys.executable, "-m", "codebook_features", "train", str(CONFIG),
                              *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _replaced_by_step(run: Path) -> dict[int, int]:
+    """``codes_replaced`` logged at each step (counted from the start of the process that
+    logged it), from the newest checkpoint's trainer state."""
+    from codebook_features.training import last_complete_checkpoint
+
+    state = json.loads((Path(last_complete_checkpoint(run)) / "trainer_state.json").read_text())
+    return {h["step"]: h["codes_replaced"] for h in state["log_history"]
+            if "codes_replaced" in h}
 
 
 def test_sigkill_then_resume_gives_the_same_codebooks(workload, tmp_path):
@@ -204,23 +216,33 @@ def test_sigkill_then_resume_gives_the_same_codebooks(workload, tmp_path):
     full = _train_proc(d, corpus, tmp_path / "full")
     assert full.wait(timeout=600) == 0, full.stderr.read()[-2000:]
 
+    def step_of(ckpt: str | None) -> int:
+        return int(ckpt.rsplit("-", 1)[1]) if ckpt else 0
+
     cut = _train_proc(d, corpus, tmp_path / "cut")
     deadline = time.time() + 600
-    while last_complete_checkpoint(tmp_path / "cut") is None and cut.poll() is None:
+    while step_of(last_complete_checkpoint(tmp_path / "cut")) < 10 and cut.poll() is None:
         assert time.time() < deadline
         time.sleep(0.02)
     cut.send_signal(signal.SIGKILL)
     cut.wait(timeout=60)
     assert cut.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "cut" / "final").exists()
+    killed_at = step_of(last_complete_checkpoint(tmp_path / "cut"))
+    assert 10 <= killed_at < 40
+    before = _replaced_by_step(tmp_path / "cut")
+    assert before[10] > 0, before  # dead codes were replaced before the kill
 
     resumed = _train_proc(d, corpus, tmp_path / "cut")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
-    want = load_file(str(tmp_path / "full" / "final" / "codebooks.safetensors"))
-    got = load_file(str(tmp_path / "cut" / "final" / "codebooks.safetensors"))
-    assert want.keys() == got.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], msg=k)
+    after = _replaced_by_step(tmp_path / "cut")
+    assert after[40] > 0, after  # ... and by the resumed process, after the kill
+    for name in ("codebooks.safetensors", "model.safetensors"):  # codebooks and base weights
+        want = load_file(str(tmp_path / "full" / "final" / name))
+        got = load_file(str(tmp_path / "cut" / "final" / name))
+        assert want.keys() == got.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=f"{name}: {k}")
 
 
 def test_incomplete_checkpoint_is_skipped(tmp_path):
