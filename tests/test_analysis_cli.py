@@ -77,6 +77,49 @@ def test_index_then_search(built, capsys):
     assert len(err) == 2 and all(e.startswith("error: ") for e in err)
 
 
+def _same_index(a, b):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    meta = read_json(a / "meta.json")
+    assert read_json(b / "meta.json") == meta
+    for shard in meta["shards"]:
+        for f in shard["files"].values():
+            if f.endswith(".npy"):
+                np.testing.assert_array_equal(np.load(a / f), np.load(b / f))
+            else:
+                assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
+
+
+def test_index_streaming_dataset_max_docs(built, capsys, tmp_path):
+    cb, corpus = str(built["codebooks"]), str(built["corpus"])
+    # --streaming reads the files as a stream: the same index as the prepared dataset.
+    assert main(["index", cb, "--files", corpus, "--streaming", "--out", str(tmp_path / "s"),
+                 "--shard-tokens", "500"]) == 0
+    assert "indexed 40 documents" in capsys.readouterr().out
+    _same_index(built["index"], tmp_path / "s")
+    # --max-docs: the first documents, streamed or not; --dataset: a local dataset folder.
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "stories.txt")
+    with CodeIndex.open(built["index"]) as full:
+        want = [full.codes_at(d, 3) for d in range(7)]
+    for source in (["--files", corpus], ["--dataset", str(folder)]):
+        for stream in ([], ["--streaming"]):
+            out = tmp_path / f"m{len(source[1])}{len(stream)}"
+            assert main(["index", cb, *source, *stream, "--max-docs", "7", "--out", str(out),
+                         "--shard-tokens", "500"]) == 0, (source, stream)
+            assert "indexed 7 documents" in capsys.readouterr().out
+            with CodeIndex.open(out) as ix:
+                assert ix.num_docs == 7 and [ix.codes_at(d, 3) for d in range(7)] == want
+    assert main(["index", cb, "--files", corpus, "--streaming", "--text-column", "story",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert main(["index", cb, "--files", corpus, "--max-docs", "0", "--out",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # answered before the model loads
+    assert len(err) == 2 and "no column 'story'" in err[0] and "--max-docs 0" in err[1]
+
+
 def test_search_regex_and_token_tables_with_neuron_baseline(built, capsys):
     model, tok = built["model"], built["tok"]
     with CodeIndex.open(built["index"], model=model) as ix:

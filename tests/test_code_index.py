@@ -332,6 +332,59 @@ def test_dataset_input(setup, tmp_path):
         assert ix.codes_at(5, 4) == setup["index"].codes_at(5, 4)
 
 
+def _same_index(a, b):
+    """Two index folders hold the same meta and the same tables and arrays."""
+    meta = read_json(a / META_NAME)
+    assert read_json(b / META_NAME) == meta
+    for shard in meta["shards"]:
+        for f in shard["files"].values():
+            if f.endswith(".npy"):
+                np.testing.assert_array_equal(np.load(a / f), np.load(b / f))
+            else:
+                assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
+
+
+def test_streaming_input(setup, tmp_path):
+    """A streaming IterableDataset, or a generator, gives the index of the in-memory list,
+    read a batch at a time (bounded memory)."""
+    from datasets import Dataset, IterableDataset
+
+    model, tok, texts, path = setup["model"], setup["tok"], setup["texts"], setup["path"]
+    stream = Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    assert isinstance(stream, IterableDataset)
+    build_index(model, tok, stream, tmp_path / "a", shard_tokens=1000, batch_size=4)
+    _same_index(path, tmp_path / "a")
+    # A stream whose columns are unknown until read, with another text column.
+    gen = IterableDataset.from_generator(lambda: ({"id": i, "story": t}
+                                                  for i, t in enumerate(texts[:9])))
+    assert gen.column_names is None
+    build_index(model, tok, gen, tmp_path / "b", text_column="story", batch_size=4)
+    with CodeIndex.open(tmp_path / "b") as ix:
+        assert ix.num_docs == 9 and ix.codes_at(8, 3) == setup["index"].codes_at(8, 3)
+    with pytest.raises(CodebookError, match="no column 'text'"):
+        build_index(model, tok, gen, tmp_path / "c")
+    with pytest.raises(CodebookError, match="no column 'text'"):
+        build_index(model, tok, Dataset.from_dict({"story": texts}).to_iterable_dataset(),
+                    tmp_path / "c")
+    # A generator of strings is read lazily: never more than a shard and a batch ahead of
+    # the shards written.
+    out, batch, ahead = tmp_path / "g", 4, []
+
+    def lazily():
+        for i, t in enumerate(texts):
+            done = read_json(out / META_NAME)["shards"] if (out / META_NAME).exists() else []
+            ahead.append(i - (done[-1]["end_doc"] if done else 0))
+            yield t
+
+    build_index(model, tok, lazily(), out, shard_tokens=1000, batch_size=batch)
+    _same_index(path, out)
+    meta = read_json(out / META_NAME)
+    per_shard = max(s["end_doc"] - s["first_doc"] for s in meta["shards"])
+    assert len(ahead) == NUM_DOCS and max(ahead) < per_shard + batch < NUM_DOCS
+    with pytest.raises(CodebookError, match="texts must be strings, got int"):
+        build_index(model, tok, iter([texts[0], 3]), tmp_path / "h")
+
+
 def test_errors(setup, tmp_path):
     index, tok = setup["index"], setup["tok"]
     with pytest.raises(CodebookError, match=r"regex '\(dragon' does not compile"):

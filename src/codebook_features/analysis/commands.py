@@ -19,13 +19,21 @@ def _index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer (default: the base model's)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--files", nargs="+", help="local .txt / .jsonl / .parquet files")
-    src.add_argument("--dataset", help="Hugging Face dataset name")
-    p.add_argument("--config", help="dataset config name")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--max-docs", type=int, help="index at most this many documents")
-    p.add_argument("--shard-tokens", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=8)
+    src.add_argument("--dataset", help="Hugging Face dataset: a hub name or a local "
+                                       "dataset folder")
+    p.add_argument("--config", help="dataset config name (e.g. wikitext-103-raw-v1)")
+    p.add_argument("--split", default="train", help="split to index (%(default)s)")
+    p.add_argument("--text-column", default="text",
+                   help="column holding the text (.jsonl, .parquet, datasets; %(default)s)")
+    p.add_argument("--max-docs", type=int, help="index at most this many documents (the "
+                                                  "first ones)")
+    p.add_argument("--streaming", action="store_true",
+                   help="read the dataset or files as a stream, a batch at a time, instead of "
+                        "preparing it on disk first (bounded memory, for large corpora)")
+    p.add_argument("--shard-tokens", type=int, default=100_000,
+                   help="tokens per shard, whole documents (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="documents per forward pass (%(default)s)")
 
 
 @command("index", "run a codebook model over a corpus and store every token's codes",
@@ -34,19 +42,26 @@ def _index(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from ..data.text import load_text
+    from ..errors import CodebookError
+    from ..io import read_json
     from ..model import CodebookModel
-    from .index import build_index
+    from .index import META_NAME, build_index
 
+    if args.max_docs is not None and args.max_docs < 1:
+        raise CodebookError(f"--max-docs {args.max_docs}: give at least 1")
+    texts = load_text(args.dataset, args.files, args.config, args.split, args.text_column,
+                      streaming=args.streaming)  # bad data is answered before a model loads
+    if args.max_docs is not None:
+        texts = texts.take(args.max_docs) if args.streaming else \
+            texts.select(range(min(args.max_docs, len(texts))))
     model = CodebookModel.from_pretrained(args.codebooks, base_model=args.base).eval()
     name = args.tokenizer or args.base or model.base_info()["name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(name)
-    texts = load_text(args.dataset, args.files, args.config, args.split, args.text_column)
-    if args.max_docs is not None:
-        texts = texts.select(range(min(args.max_docs, len(texts))))
-    build_index(model, tokenizer, texts, args.out, shard_tokens=args.shard_tokens,
-                batch_size=args.batch_size, text_column=args.text_column,
-                codebooks=args.codebooks)
-    print(f"indexed {len(texts)} documents into {args.out}")
+    path = build_index(model, tokenizer, texts, args.out, shard_tokens=args.shard_tokens,
+                       batch_size=args.batch_size, text_column=args.text_column,
+                       codebooks=args.codebooks)
+    meta = read_json(path / META_NAME)
+    print(f"indexed {meta['num_docs']} documents ({meta['num_tokens']} tokens) into {args.out}")
     return 0
 
 

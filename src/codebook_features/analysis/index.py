@@ -32,7 +32,8 @@ import hashlib
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +171,13 @@ def check_model(meta: dict[str, Any], model: Any, where: str | os.PathLike) -> N
 
 
 def _text_batches(texts: Any, text_column: str, size: int) -> Iterator[list[str]]:
+    """``texts`` in lists of ``size`` strings, read lazily: a ``datasets.Dataset`` a slice at
+    a time, a ``datasets.IterableDataset`` (streaming) or any other iterable one item at a
+    time, so no more than a batch of them is held here."""
     try:
-        from datasets import Dataset
+        from datasets import Dataset, IterableDataset
     except ImportError:  # pragma: no cover - datasets is a dependency
-        Dataset = None  # noqa: N806
+        Dataset = IterableDataset = None  # noqa: N806
     if Dataset is not None and isinstance(texts, Dataset):
         if text_column not in texts.column_names:
             raise CodebookError(f"build_index: the dataset has no column {text_column!r} "
@@ -181,11 +185,31 @@ def _text_batches(texts: Any, text_column: str, size: int) -> Iterator[list[str]
         for i in range(0, len(texts), size):
             yield [str(t) for t in texts[i:i + size][text_column]]
         return
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise CodebookError("build_index: texts must be a list of strings or a "
-                            "datasets.Dataset with a text column")
-    for i in range(0, len(texts), size):
-        chunk = list(texts[i:i + size])
+    if IterableDataset is not None and isinstance(texts, IterableDataset):
+        columns = texts.column_names  # None until a row is read, for some streams
+        if columns is not None and text_column not in columns:
+            raise CodebookError(f"build_index: the dataset has no column {text_column!r} "
+                                f"(columns: {columns}); pass text_column=")
+
+        def column(rows: Iterator[dict[str, Any]]) -> Iterator[Any]:
+            for row in rows:
+                if text_column not in row:
+                    raise CodebookError(f"build_index: the dataset has no column "
+                                        f"{text_column!r} (columns: {list(row)}); pass "
+                                        "text_column=")
+                yield row[text_column]
+
+        items: Iterator[Any] = column(iter(texts))
+    elif isinstance(texts, str | bytes | dict) or not isinstance(texts, Iterable):
+        raise CodebookError("build_index: texts must be a list of strings (or any iterable "
+                            "of strings), or a datasets.Dataset or IterableDataset with a "
+                            "text column")
+    else:
+        items = iter(texts)
+    while True:
+        chunk = list(islice(items, size))
+        if not chunk:
+            return
         for t in chunk:
             if not isinstance(t, str):
                 raise CodebookError(f"build_index: texts must be strings, got "
@@ -229,14 +253,17 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
                 codebooks: str | os.PathLike | None = None) -> Path:
     """Run ``model`` (a CodebookModel) over ``texts`` and write a code index into ``path``.
 
-    ``texts``: a list of strings or a ``datasets.Dataset`` with ``text_column``. Every text
+    ``texts``: a list of strings, any iterable of strings (a generator is read as the index
+    is built), a ``datasets.Dataset``, or a streaming ``datasets.IterableDataset``, the
+    datasets with ``text_column``. Texts are read a batch at a time, so a stream of any length
+    is indexed in bounded memory, into the same index as a list of the same texts. Every text
     is tokenized with ``tokenizer`` (a fast tokenizer; special tokens such as BOS are added as
     the tokenizer does by default) and cut to ``max_length`` tokens (default: the tokenizer's
     and the model's limit). Documents are run ``batch_size`` at a time, right-padded. A shard
     is closed after the first batch that brings it to ``shard_tokens`` tokens, so memory stays
-    bounded. Rerunning with
-    the same arguments resumes: shards listed in ``meta.json`` are skipped. ``codebooks``:
-    the folder the model's codebooks were loaded from, recorded so that tools (the browser)
+    bounded. Rerunning with the same arguments (and the same texts in the same order) resumes:
+    shards listed in ``meta.json`` are skipped. ``codebooks``: the folder the model's
+    codebooks were loaded from, recorded so that tools (the browser)
     can load the model again. Returns the path.
     """
     import pyarrow as pa
