@@ -261,3 +261,34 @@ def test_codebook_search_ignores_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer.search(x).codes
     assert torch.equal(got, want)
+
+
+def _accumulation_run(tmp_path, batch: int, accumulation: int) -> CodebookTrainer:
+    model = make_model().double()  # float64: only the order of gradient sums differs
+    trainer = CodebookTrainer(
+        model, args(tmp_path / f"ga{accumulation}", max_steps=6, per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=accumulation, dead_code_interval=2),
+        train_dataset=make_data(), data_collator=default_data_collator)
+    trainer.train()
+    return trainer
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    """Accumulating 2 batches of 8 trains what one batch of 16 does: the same weights,
+    codebooks and statistics (an optimizer step counts once for the dead-code clock, a code
+    that fired in any micro-batch fired in that step, replacements draw from the whole batch,
+    and the MSE gradient is the whole batch's mean)."""
+    one = _accumulation_run(tmp_path, 16, 1)
+    two = _accumulation_run(tmp_path, 8, 2)
+    assert one._replaced > 0 and two._replaced == one._replaced
+    want, got = state(one.codebook_model), state(two.codebook_model)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    for name, layer in one.codebook_model.sites.items():
+        assert int(layer.step) == 6, name  # one per optimizer step
+        torch.testing.assert_close(two.codebook_model.site(name)._recent, layer._recent)
+    logs = [[h["codebook_mse"] for h in t.state.log_history if "codebook_mse" in h]
+            for t in (one, two)]
+    assert logs[1] == pytest.approx(logs[0], rel=1e-9)

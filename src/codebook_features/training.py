@@ -115,6 +115,16 @@ def kmeans_init_codebooks(model: CodebookModel, batches: Iterable[dict[str, Any]
         model.train(was_training)
 
 
+def _tokens(batch: Any) -> int:
+    """Token positions in a collated batch (what each codebook sees), 0 when unknown."""
+    if isinstance(batch, dict):
+        for key in ("input_ids", "inputs_embeds", "labels"):
+            v = batch.get(key)
+            if isinstance(v, torch.Tensor) and v.dim() >= 2:
+                return int(v.shape[0] * v.shape[1])
+    return 0
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` whose save finished, or None.
 
@@ -159,7 +169,8 @@ class CodebookTrainer(Trainer):
 
     The loss is the LM loss alone: each codebook's backward already adds the gradient of
     ``lambda * MSE`` to its codes. Logs add ``codebook_mse`` (the summed site MSE averaged
-    since the last log), ``dead_code_fraction`` and ``codes_replaced``.
+    since the last log), ``dead_code_fraction`` and ``codes_replaced``. With gradient
+    accumulation, the micro-batches of an optimizer step train and count as one batch.
     """
 
     def __init__(self, model: CodebookModel, args: TrainingArguments, **kwargs: Any) -> None:
@@ -172,6 +183,14 @@ class CodebookTrainer(Trainer):
         self._mse_sum: torch.Tensor | float = 0.0  # stays on the device: no per-step sync
         self._mse_n = 0
         self._replaced = 0
+        # Gradient accumulation: the tokens of each micro-batch of the coming optimizer step
+        # (from get_batch_samples), the next one's index, and the share of the step's MSE
+        # gradient the current micro-batch carries.
+        self._micro_tokens: list[int] | None = None
+        self._micro_index = 0
+        self._mse_share = 1.0
+        self._step_start: list[int] = []
+        self._recent_parts: list[list[torch.Tensor]] = []
         self.add_callback(DeadCodeCallback(self))
 
     # The model's forward takes **kwargs: read the dataset columns off the base model.
@@ -204,9 +223,64 @@ class CodebookTrainer(Trainer):
         self.optimizer = cls(groups, lr=args.learning_rate, **kwargs)
         return self.optimizer
 
+    # Gradient accumulation: the micro-batches of one optimizer step act as one batch. Each
+    # layer's backward adds the gradient of its micro-batch's mean MSE, so a micro-batch's
+    # coefficient is scaled by its share of the step's tokens (the LM loss is already scaled by
+    # num_items_in_batch); the statistics count the step once (the dead-code clock advances
+    # by one, a code that fired in any micro-batch fired at that step) and the dead-code
+    # replacements draw from every micro-batch's inputs.
+    def get_batch_samples(self, *args: Any, **kwargs: Any):
+        batches, num_items = super().get_batch_samples(*args, **kwargs)
+        self._micro_tokens = [_tokens(b) for b in batches]
+        self._micro_index = 0
+        return batches, num_items
+
+    def training_step(self, model, inputs, *args: Any, **kwargs: Any):
+        plan, j = self._micro_tokens, self._micro_index
+        if plan is None or len(plan) < 2 or j >= len(plan) or not all(plan):
+            return super().training_step(model, inputs, *args, **kwargs)
+        self._micro_index += 1
+        layers = list(self.codebook_model.sites.values())
+        if j == 0:
+            self._step_start = [int(layer.step) for layer in layers]
+            self._recent_parts = [[] for _ in layers]
+        self._mse_share = plan[j] / sum(plan)
+        try:
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            self._mse_share = 1.0
+        self._fold_micro_batch_stats(layers)
+        return loss
+
+    @torch.no_grad()
+    def _fold_micro_batch_stats(self, layers: list[Any]) -> None:
+        from .codebook import RECENT_ROWS
+
+        for layer, start, parts in zip(layers, self._step_start, self._recent_parts,
+                                       strict=True):
+            if int(layer.step) == start:  # no statistics this micro-batch (bypassed, ...)
+                continue
+            layer.step.fill_(start + 1)
+            layer.last_fired.clamp_(max=start + 1)
+            if layer._recent is not None:
+                parts.append(layer._recent)
+                rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+                layer._recent = rows[:: max(1, -(-rows.shape[0] // RECENT_ROWS))]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
+        share = self._mse_share if model.training else 1.0
+        configs = {id(layer.config): layer.config
+                   for layer in self.codebook_model.sites.values()}.values()
+        coeffs = [c.mse_coeff for c in configs]
+        if share != 1.0:  # captured by each layer's forward for its backward
+            for c in configs:
+                c.mse_coeff = c.mse_coeff * share
+        try:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+        finally:
+            for c, coeff in zip(configs, coeffs, strict=True):
+                c.mse_coeff = coeff
         if model.training and self.codebook_model.enabled:
             self._mse_sum = self._mse_sum + self.codebook_model.codebook_loss()
             self._mse_n += 1
