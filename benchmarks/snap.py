@@ -8,10 +8,13 @@ Timings interleave the peers round by round (median of ``--repeats`` rounds, aft
 round), so a busy machine slows them alike; the load average is printed before and after.
 
 Peers: ``codebook`` (this library's CodebookLayer, default ``auto`` search, LayerNorm off so
-every peer does the same work), ``codebook_torch`` (the torch chunked backend),
-``codebook_bf16`` (bfloat16 similarity + exact re-rank; also reports ``code_agreement`` with
-exact search), ``matmul`` (the similarity matmul alone), ``naive`` (full N x C similarity,
-top-k, a gather with dense autograd, a Python loop over groups: the paper's approach),
+every peer does the same work; ``backend`` says what auto chose), ``codebook_torch``,
+``codebook_faiss`` and ``codebook_screen`` (the exact torch chunked, FAISS and certified
+bfloat16-screen backends; the screen also reports ``redo_fraction``, the tokens its bound could
+not certify), ``codebook_bf16`` (approximate bfloat16 similarity + re-rank), each with
+``code_agreement`` (tokens whose codes equal the torch backend's), ``matmul`` (the similarity
+matmul alone), ``naive`` (full N x C similarity, top-k, a gather with dense autograd, a Python
+loop over groups: the paper's approach),
 ``faiss_flatip`` (FAISS IndexFlatIP search, forward only) and ``vqtorch``
 (vector-quantize-pytorch, k=1 only).
 
@@ -43,8 +46,8 @@ SHAPES = [  # (N, d, C, k, G)
     (16384, 128, 1000, 1, 4),
 ]
 QUICK = [(1024, 128, 2000, 4, 1), (1024, 128, 2000, 4, 4), (4096, 64, 500, 1, 2)]
-IMPLS = ["matmul", "codebook", "codebook_torch", "codebook_bf16", "naive", "faiss_flatip",
-         "vqtorch"]
+IMPLS = ["matmul", "codebook", "codebook_torch", "codebook_faiss", "codebook_screen",
+         "codebook_bf16", "naive", "faiss_flatip", "vqtorch"]
 
 
 def rss_mib(field: str = "VmRSS") -> float:
@@ -104,8 +107,8 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
     if impl.startswith("codebook"):
         from codebook_features import CodebookLayer
 
-        backend = {"codebook": "auto", "codebook_torch": "torch",
-                   "codebook_bf16": "torch_bf16"}[impl]
+        backend = {"codebook": "auto", "codebook_torch": "torch", "codebook_faiss": "faiss",
+                   "codebook_screen": "bf16_screen", "codebook_bf16": "torch_bf16"}[impl]
         torch.manual_seed(1)  # every codebook peer gets the same codes
         layer = CodebookLayer(dim=d, num_codes=c, k=k, groups=g, layernorm=False,
                               search_backend=backend)
@@ -231,16 +234,51 @@ def measure_shape(shape: tuple[int, ...], impls: list[str], repeats: int) -> lis
                      "fwd_cpu_ms": round(fwd_cpu[impl], 1),
                      "fwdbwd_cpu_ms": round(fwdbwd_cpu[impl], 1) if impl in fwdbwd else None,
                      "threads": torch.get_num_threads()})
-    if "codebook" in built and "codebook_bf16" in built:
-        codes = []
-        for impl in ("codebook", "codebook_bf16"):
+    codes = {}
+    for impl in built:
+        if impl.startswith("codebook"):
+            layer = built[impl][0].layer
+            if impl == "codebook_screen":
+                redo = _count_screen_redos()
             built[impl][0]()
-            codes.append(built[impl][0].layer.last_codes.sort(-1).values)
-        agree = float((codes[0] == codes[1]).all(-1).float().mean())
+            codes[impl] = layer.last_codes.sort(-1).values
+            for row in rows:
+                if row["impl"] == impl:
+                    row["backend"] = snap_backend(layer, x_shape=(n, g, d // g))
+                    if impl == "codebook_screen":
+                        row["redo_fraction"] = round(sum(redo) / n, 5)
+    if "codebook_torch" in codes:
         for row in rows:
-            if row["impl"] == "codebook_bf16":
-                row["code_agreement"] = round(agree, 5)
+            if row["impl"] in codes:
+                same = (codes[row["impl"]] == codes["codebook_torch"]).all(-1).float().mean()
+                row["code_agreement"] = round(float(same), 5)
     return rows
+
+
+def snap_backend(layer, x_shape: tuple[int, int, int]) -> str:
+    """The search backend a layer's ``auto`` resolves to for float32 CPU inputs."""
+    import torch
+
+    from codebook_features import snap
+
+    return snap.resolve_backend(layer.config.search_backend, torch.empty(x_shape),
+                                layer.codebook)
+
+
+def _count_screen_redos() -> list[int]:
+    """Rows the certified bf16 screen hands to exact search (the next call's, once)."""
+    from codebook_features import snap
+
+    calls: list[int] = []
+    exact = snap._search_torch
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        snap._search_torch = exact
+        return exact(x, *args, **kwargs)
+
+    snap._search_torch = spy
+    return calls
 
 
 def approx_rows(shape: tuple[int, ...], repeats: int) -> list[dict]:
