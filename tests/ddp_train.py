@@ -3,6 +3,7 @@ batch is the same whatever the number of processes (accelerate's split_batches).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -20,15 +21,24 @@ def main(out: str, stream: bool = False) -> None:
     # between codes that could change which code fires.
     model = make_model().double()
     data = make_data()
-    kmeans_init_codebooks(model, [default_data_collator([data[i] for i in range(64)])], iters=5)
     targs = args(out, max_steps=4, per_device_train_batch_size=16, dead_code_interval=2,
                  accelerator_config={"split_batches": True}, dataloader_drop_last=True)
+    targs.device  # noqa: B018 (sets up the devices, and the process group under torchrun)
+    rank = targs.process_index
+    os.makedirs(out, exist_ok=True)
+    assert torch.distributed.is_initialized() == (targs.world_size > 1)
+    # k-means on different rows on each process: only its broadcast of rank 0's codes makes
+    # the processes start alike (and like one process, which uses rank 0's rows).
+    rows = range(32 * rank, 32 * rank + 64)
+    kmeans_init_codebooks(model, [default_data_collator([data[i] for i in rows])], iters=5)
+    save_file({f"{n}.codebook": layer.codebook.detach().clone()
+               for n, layer in model.sites.items()}, f"{out}/kmeans-rank{rank}.safetensors")
     # stream: an IterableDataset in row order, which accelerate reads on rank 0 and dispatches.
     train = data.to_iterable_dataset() if stream else data
     trainer = CodebookTrainer(model, targs, train_dataset=train,
                               data_collator=default_data_collator)
     trainer.train()
-    if trainer.args.process_index == 0:
+    if rank == 0:
         tensors = {f"{n}.{k}": v.detach().clone() for n, layer in model.sites.items()
                    for k, v in layer.named_parameters()}
         tensors["replaced"] = torch.tensor([trainer._replaced])

@@ -31,6 +31,12 @@ def test_two_processes_match_one(tmp_path, stream):
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={29531 + stream}"], tmp_path / "two", *extra)
     assert int(one["replaced"]) > 0  # dead codes were replaced during the run
+    # k-means ran in the process group on different rows per rank; its broadcast made rank 1
+    # start from rank 0's codes, which are the single process's.
+    starts = [load_file(str(d / f"kmeans-rank{r}.safetensors"))
+              for d, r in ((tmp_path / "one", 0), (tmp_path / "two", 0), (tmp_path / "two", 1))]
+    for k in starts[0]:
+        assert torch.equal(starts[1][k], starts[0][k]) and torch.equal(starts[2][k], starts[0][k])
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-9, atol=1e-9,

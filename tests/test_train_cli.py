@@ -74,6 +74,30 @@ def test_cli_runs(workload, tmp_path):
     assert '"with_codebooks"' in proc.stdout
 
 
+def test_torchrun_two_processes_write_one_final_folder(workload, tmp_path):
+    """``torchrun --nproc_per_node 2 -m codebook_features train`` (gloo, CPU): k-means in the
+    process group, training, and the final folder written once, by the main process."""
+    d, corpus = workload
+    out = tmp_path / "ddp"
+    args = overrides(d, corpus, f"training.output_dir={out}", "training.max_steps=2",
+                     "training.per_device_train_batch_size=4", "kmeans_init_batches=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29541", "-m", "codebook_features", "train",
+                           str(CONFIG), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"with_codebooks"') == 1  # the metrics, printed once
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "runs") == [
+        "checkpoint-2", "final"]
+    final = out / "final"
+    assert {"codebooks.safetensors", "model.safetensors", "metrics.json"} <= {
+        p.name for p in final.iterdir()}
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 4
+    assert json.loads((final / "metrics.json").read_text())["with_codebooks"]["loss"] > 0
+
+
 @pytest.mark.parametrize("extra,match", [
     (["training.colour=red"], r"training: unknown key\(s\) \['colour'\]"),
     (["codebooks.colour=red"], "unknown codebook model config keys"),

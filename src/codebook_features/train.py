@@ -414,6 +414,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     base = load_base_model(cfg.model)
     model = CodebookModel(base, CodebookModelConfig.from_dict(dict(cfg.codebooks)))
+    args.device  # noqa: B018 (under torchrun, sets up the process group k-means broadcasts in)
     if cfg.kmeans_init_batches:
         bs = args.per_device_train_batch_size
         rows = take_rows(train_ds, cfg.kmeans_init_batches * bs)
@@ -425,15 +426,21 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                               data_collator=default_data_collator, processing_class=tokenizer)
     last = last_complete_checkpoint(args.output_dir)  # an interrupted run resumes from here
     trainer.train(resume_from_checkpoint=last)
-    metrics = evaluate_codebooks(model, eval_ds, batch_size=args.per_device_eval_batch_size)
     out = Path(args.output_dir) / "final"
-    if args.freeze_model:  # the base weights are the original ones
-        model.save_codebooks(out, base_model_name=cfg.model)
-    else:  # finetuned with the codebooks: the base weights are saved beside them
-        model.base_model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        model.save_codebooks(out, base_model_name=str(out))
-    write_json(out / "metrics.json", metrics)
+    # Several processes (torchrun) hold the same model: the main one evaluates and writes the
+    # final folder; the others wait for it and return its metrics.
+    if trainer.is_world_process_zero():
+        metrics = evaluate_codebooks(model, eval_ds, batch_size=args.per_device_eval_batch_size)
+        if args.freeze_model:  # the base weights are the original ones
+            model.save_codebooks(out, base_model_name=cfg.model)
+        else:  # finetuned with the codebooks: the base weights are saved beside them
+            model.base_model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            model.save_codebooks(out, base_model_name=str(out))
+        write_json(out / "metrics.json", metrics)
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        metrics = json.loads((out / "metrics.json").read_text())
     return metrics
 
 
@@ -447,5 +454,10 @@ def _options(p: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     metrics = run_training(cfg)
-    print(json.dumps(metrics, indent=1))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # torchrun: every process got here
+        dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:  # printed once
+        print(json.dumps(metrics, indent=1))
     return 0
