@@ -52,8 +52,9 @@ class CodebookSettings:
     chunk_mib: float = 16.0
     """Memory bound of one similarity block in the exact chunked search (torch backend)."""
     search_backend: str = "auto"
-    """Top-k search: auto (FAISS for float32 on CPU, else torch), torch, faiss, or torch_bf16
-    (bfloat16 similarity + exact re-rank of a shortlist; approximate)."""
+    """Top-k search, exact unless named: auto (the fastest exact one measured for the device,
+    CPU and shape: see ``snap``), torch, faiss, bf16_screen (a certified bfloat16 screen, for
+    CPUs with AMX), or torch_bf16 (bfloat16 similarity + re-rank of a shortlist; approximate)."""
     check_finite: bool = True
     """Reject NaN/inf inputs with a clear error (one host sync per forward)."""
 
