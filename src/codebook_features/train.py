@@ -35,7 +35,8 @@ class DataConfig:
     """Where the text comes from and how it is cut."""
 
     dataset: str | None = None
-    """Hugging Face dataset name (e.g. wikitext)."""
+    """Hugging Face dataset name (e.g. wikitext), or a local dataset folder (data files or a
+    README with configs, as ``datasets.load_dataset`` reads; or a ``save_to_disk`` folder)."""
     config: str | None = None
     """Dataset config name (e.g. wikitext-103-raw-v1)."""
     files: list[str] | None = None

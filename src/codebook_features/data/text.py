@@ -26,9 +26,13 @@ def load_text(dataset: str | None = None, files: Sequence[str] | None = None,
               streaming: bool = False) -> Any:
     """One split of a text dataset: a hub dataset by name (and config), or local files.
 
-    Local ``.txt`` files give one example per line; ``.jsonl`` and ``.parquet`` need
-    ``text_column``. With ``streaming``, nothing is read beyond the first row (which is checked
-    for ``text_column``). A missing column or file, or an empty stream, gets one clear error.
+    ``dataset`` may also be a local folder: one ``datasets.load_dataset`` reads (data files,
+    or a README declaring configs and their splits), or one written by
+    ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (no config; a lone ``Dataset`` is
+    the ``train`` split). Local ``.txt`` files give one example per line; ``.jsonl`` and
+    ``.parquet`` need ``text_column``. With ``streaming``, nothing is read beyond the first
+    row (which is checked for ``text_column``). A missing column or file, or an empty stream,
+    gets one clear error.
     """
     import datasets
 
@@ -48,7 +52,9 @@ def load_text(dataset: str | None = None, files: Sequence[str] | None = None,
                                     f"{sorted(_BUILDERS)}, got {[p.suffix for p in paths]}")
             ds = datasets.load_dataset(kinds.pop(), data_files={split: [str(p) for p in paths]},
                                        split=split, streaming=streaming)
-        else:
+        elif _saved_to_disk(dataset):
+            ds = _load_saved(dataset, config, split, streaming)
+        else:  # a hub name, or a local dataset folder (data files, or a README's configs)
             ds = datasets.load_dataset(dataset, config, split=split, streaming=streaming)
         if streaming:  # the columns of a stream are known once a row is read
             first = next(iter(ds.take(1)), None)
@@ -69,6 +75,34 @@ def load_text(dataset: str | None = None, files: Sequence[str] | None = None,
         raise CodebookError(f"dataset has no column {text_column!r} (columns: {columns}); "
                             "set data.text_column")
     return ds
+
+
+def _saved_to_disk(dataset: str) -> bool:
+    """Whether ``dataset`` is a folder written by ``save_to_disk``."""
+    path = Path(dataset).expanduser()
+    return path.is_dir() and ((path / "dataset_dict.json").is_file()
+                              or (path / "state.json").is_file())
+
+
+def _load_saved(dataset: str, config: str | None, split: str, streaming: bool) -> Any:
+    """One split of a ``save_to_disk`` folder (an ``IterableDataset`` when streaming)."""
+    import datasets
+
+    if config:
+        raise CodebookError(f"dataset {dataset} was written by save_to_disk, which has no "
+                            f"configs; remove data.config={config!r}")
+    saved = datasets.load_from_disk(str(Path(dataset).expanduser()))
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise CodebookError(f"dataset {dataset} has no split {split!r} (splits: "
+                                f"{sorted(saved)})")
+        ds = saved[split]
+    elif split != "train":
+        raise CodebookError(f"dataset {dataset} is one saved Dataset, read as the 'train' "
+                            f"split; it has no split {split!r}")
+    else:
+        ds = saved
+    return ds.to_iterable_dataset() if streaming else ds
 
 
 class _Packer:
