@@ -74,6 +74,44 @@ def test_cli_runs(workload, tmp_path):
     assert '"with_codebooks"' in proc.stdout
 
 
+def test_progress_bars_on_by_default_and_disable_tqdm_hides_them(workload, tmp_path):
+    """A CLI run draws tqdm bars on stderr: the Trainer's (steps of max_steps) and the data
+    packing's; ``training.disable_tqdm=true`` hides every bar, not only the Trainer's."""
+    import re
+
+    d, corpus = workload
+    runs = {}
+    for flag in ("false", "true"):
+        args = overrides(d, corpus, f"training.output_dir={tmp_path / flag}",
+                         "training.max_steps=3", "training.save_steps=3",
+                         f"training.disable_tqdm={flag}")
+        proc = subprocess.run([sys.executable, "-m", "codebook_features", "train",
+                               str(CONFIG), *args], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[flag] = proc.stderr
+    bar = re.compile(r"\d+%\|[^|]*\| \d+/\d+ \[")  # "100%|███| 3/3 [00:01<00:00, ...]"
+    steps = re.findall(r"(?m)^\s*(\d+)%\|[^|]*\| (\d+)/3 \[", runs["false"])
+    assert steps and steps[-1] == ("100", "3"), runs["false"][-2000:]  # the Trainer's bar
+    assert re.search(r"Map: +100%\|", runs["false"])  # packing the text
+    assert not bar.search(runs["true"]) and "it/s]" not in runs["true"], runs["true"][-2000:]
+    assert "examples/s]" not in runs["true"]
+
+
+def test_progress_bars_switch_is_restored():
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from codebook_features.train import progress_bars
+
+    with progress_bars(False):
+        assert not datasets.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+    with progress_bars(True):
+        assert datasets.is_progress_bar_enabled()
+
+
 def test_torchrun_two_processes_write_one_final_folder(workload, tmp_path):
     """``torchrun --nproc_per_node 2 -m codebook_features train`` (gloo, CPU): k-means in the
     process group, training, and the final folder written once, by the main process."""

@@ -17,11 +17,13 @@ beyond the model's positions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,8 +389,43 @@ def _go_offline() -> None:
           file=sys.stderr)
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled`` False, no progress bar at all for the duration: the Trainer's (its
+    ``disable_tqdm``), and those of ``datasets`` (loading, packing), ``transformers`` (loading
+    and writing weights) and ``huggingface_hub``; each is restored afterwards."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    switches = [(datasets.is_progress_bar_enabled(), datasets.disable_progress_bars,
+                 datasets.enable_progress_bars),
+                (hf_logging.is_progress_bar_enabled(), hf_logging.disable_progress_bar,
+                 hf_logging.enable_progress_bar),
+                (not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
+                 hub_utils.enable_progress_bars)]
+    for _, off, _ in switches:
+        off()
+    try:
+        yield
+    finally:
+        for was_on, _, on in switches:
+            if was_on:
+                on()
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Check, load, train, evaluate and save; returns the final metrics."""
+    """Check, load, train, evaluate and save; returns the final metrics. Progress bars show
+    unless ``training.disable_tqdm`` (which hides every one of them)."""
+    args = training_arguments(cfg)
+    with progress_bars(not args.disable_tqdm):
+        return _run_training(cfg, args)
+
+
+def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer, default_data_collator
 
     from .data.text import take_rows
@@ -397,7 +434,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from .model import CodebookModel, CodebookModelConfig, load_base_model
     from .training import CodebookTrainer, kmeans_init_codebooks, last_complete_checkpoint
 
-    args = training_arguments(cfg)
     check_model_source(cfg.model)
     if cfg.tokenizer and cfg.tokenizer != cfg.model:
         check_model_source(cfg.tokenizer, "tokenizer")
