@@ -417,7 +417,7 @@ def _search_screened(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, simil
     xbt = _scratch(ws, "xbt", (g, n, dg), xb)
     xbt.copy_(xb.transpose(0, 1))
     bias_b = None if bias is None else bias.to(torch.bfloat16).unsqueeze(1)
-    rows = default_chunk(n, g, num_codes, chunk_mib / 4, 2)
+    rows = default_chunk(n, g, num_codes, chunk_mib, 2)
     short = torch.empty(g, n, m, dtype=torch.long, device=x.device)
     bound = torch.empty(g, n, dtype=torch.float32, device=x.device)
     buf = _scratch(ws, "scores_bf16", (g * rows * num_codes,), xb)
