@@ -177,6 +177,17 @@ def test_search_code_at_similar_topics(built, capsys):
     assert code == 0 and out.startswith(f"code 3 (group 1) of {HEADS}: fires on "
                                         f"{stats.count} of ")
     assert f"{stats.tokens[0][0]!r} {stats.tokens[0][1]}" in out
+    # the tokens after it in the text, and the model's own predicted next tokens
+    lines = out.splitlines()
+    assert lines[2] == "next in text:   " + ", ".join(f"{t!r} {c}" for t, c in
+                                                   stats.next_tokens)
+    assert stats.predicted_next_tokens
+    assert lines[3] == "predicted next: " + ", ".join(f"{t!r} {c}" for t, c in
+                                                   stats.predicted_next_tokens)
+    code, js, _ = _search(capsys, index, "--site", HEADS, "--code", "3", "--group", "1",
+                          "--json")
+    assert code == 0 and [tuple(x) for x in json.loads(js)["stats"][
+        "predicted_next_tokens"]] == stats.predicted_next_tokens
     rows = _rows(out)
     assert [(int(r[0]), int(r[1])) for r in rows[1:]] == [(c.doc, c.position) for c in contexts]
     assert all(f"[[{c.token}]]" in out for c in contexts)
@@ -243,3 +254,24 @@ def test_search_bad_input(built, capsys, tmp_path):
         code, _, err = _search(capsys, index, "--site", HEADS, *args, "--model",
                                str(tmp_path / "other"))
         assert code == 2 and len(err) == 1 and "other codebook weights" in err[0], err
+
+
+def test_search_code_old_index_without_predictions(built, capsys, tmp_path):
+    """An index built before the model's predictions were recorded (no pred_id column):
+    --code prints its statistics without the predicted-next line."""
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "old"
+    shutil.copytree(built["index"], old)
+    meta = read_json(old / "meta.json")
+    for s in meta["shards"]:
+        f = old / s["files"]["tokens"]
+        pq.write_table(pq.read_table(f).drop_columns(["pred_id"]), f)
+    del meta["predictions"]
+    write_json(old / "meta.json", meta)
+    code, out, err = _search(capsys, old, "--site", HEADS, "--code", "3", "--group", "1")
+    assert code == 0 and not err
+    assert "next in text:" in out and "predicted next" not in out
+    code, out, _ = _search(capsys, old, "--site", HEADS, "--code", "3", "--group", "1",
+                           "--json")
+    assert code == 0 and json.loads(out)["stats"]["predicted_next_tokens"] is None

@@ -73,7 +73,7 @@ def test_api(built, client):
     info = _ok(client.get("/api/info"))
     assert info["model"] and info["model_error"] is None
     assert [s["name"] for s in info["sites"]] == [HEADS, MLP]
-    with CodeIndex.open(built["index"], model=built["model"]) as ix:
+    with CodeIndex.open(built["index"], model=built["model"], tokenizer=built["tok"]) as ix:
         assert info["num_tokens"] == ix.num_tokens
         got = _ok(client.get("/api/regex", params={"site": HEADS, "regex": r"\bonce\b",
                                                     "n": 5}))
@@ -90,6 +90,10 @@ def test_api(built, client):
         stats = ix.code_stats(HEADS, c, g)
         assert page["stats"]["count"] == stats.count
         assert page["stats"]["tokens"] == [list(t) for t in stats.tokens]
+        assert page["stats"]["next_tokens"] == [list(t) for t in stats.next_tokens]
+        assert stats.predicted_next_tokens  # the model's own next-token guesses
+        assert page["stats"]["predicted_next_tokens"] == \
+            [list(t) for t in stats.predicted_next_tokens]
         ctx = page["contexts"]
         assert len(ctx) == min(4, stats.count)
         for x in ctx:  # the firing token is one of the pieces, at its position
@@ -185,6 +189,18 @@ def test_api_without_model_or_index(built, tmp_path):
         assert "needs the model" in _error(c.post("/api/steer", json={
             "prompt": "x", "codes": [f"{HEADS}:1"]}))
         assert _ok(c.get("/api/code", params={"site": HEADS, "code": 1}))["stats"]
+    # An index built before predictions were recorded: the statistics come without them.
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "old"
+    shutil.copytree(built["index"], old)
+    for sh in meta["shards"]:
+        f = old / sh["files"]["tokens"]
+        pq.write_table(pq.read_table(f).drop_columns(["pred_id"]), f)
+    write_json(old / "meta.json", {k: v for k, v in meta.items() if k != "predictions"})
+    with TestClient(create_app(old)) as c:
+        stats = _ok(c.get("/api/code", params={"site": HEADS, "code": 1}))["stats"]
+        assert stats["predicted_next_tokens"] is None and "next_tokens" in stats
     # Codebooks of another model: the index still serves, model features say why not.
     other = tmp_path / "other"
     base = T.AutoModelForCausalLM.from_pretrained(built["root"] / "model")

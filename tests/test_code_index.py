@@ -58,12 +58,14 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         for text in texts:
             enc = tok(text, return_offsets_mapping=True)
-            model(input_ids=torch.tensor([enc["input_ids"]]))
+            out = model(input_ids=torch.tensor([enc["input_ids"]]))
             pieces = tok.convert_ids_to_tokens(enc["input_ids"])
             toks = [(i, text[s:e] if e > s else p, s, e)
                     for i, (s, e), p in zip(enc["input_ids"], enc["offset_mapping"], pieces,
                                             strict=True)]
             ref.append({"text": text, "tokens": toks,
+                        # the model's own next-token guess at each position (codebooks on)
+                        "pred": [int(torch.argmax(v)) for v in out.logits[0]],
                         "codes": {n: l.last_codes[0].tolist() for n, l in model.sites.items()},
                         "scores": {n: l.last_scores[0].tolist() for n, l in model.sites.items()}})
     index = CodeIndex.open(path, model=model)
@@ -177,6 +179,88 @@ def test_code_stats(setup):
         assert st.tokens == [(names[t], n) for t, n in best]
         best = sorted(nxt.items(), key=lambda x: (-x[1], x[0]))[:5]
         assert st.next_tokens == [(names[t], n) for t, n in best]
+
+
+def _naive_predicted(ref, site, code, top=5):
+    """The model's top-1 next tokens where a code fires, by a loop over the reference
+    forwards: [(text, count)], text = the smallest text the id has in the corpus, or
+    "<id N>" (the test's in-memory tokenizer cannot be loaded again by the index)."""
+    texts = {}
+    for r in ref:
+        for i, text, _, _ in r["tokens"]:
+            texts[i] = min(texts.get(i, text), text)
+    pred = Counter()
+    for d, p in {(d, p) for _, d, p in _occurrences(ref, site, 0, code)}:
+        pred[ref[d]["pred"][p]] += 1
+    best = sorted(pred.items(), key=lambda x: (-x[1], x[0]))[:top]
+    return [(texts.get(t, f"<id {t}>"), n) for t, n in best]
+
+
+def test_code_stats_predicted_next_tokens(setup, tmp_path):
+    """code_stats reports the model's own top-1 next-token predictions where a code fires,
+    recorded per token at build time (pred_id), equal to a naive loop over the argmax of a
+    per-document forward; an index without the column omits them."""
+    ref, index, path = setup["ref"], setup["index"], setup["path"]
+    stored = np.concatenate([pq.read_table(path / s["files"]["tokens"]).column("pred_id")
+                             .to_numpy() for s in read_json(path / META_NAME)["shards"]])
+    assert stored.dtype == np.int32
+    assert stored.tolist() == [p for r in ref for p in r["pred"]]
+    assert index.has_predictions and index.predictions.tolist() == stored.tolist()
+    seen = set()
+    for site in (SITE, HEADS):
+        for code in _frequent_codes(ref, site):
+            st = index.code_stats(site, code, top=5)
+            want = _naive_predicted(ref, site, code)
+            assert st.predicted_next_tokens == want and want
+            seen.update(t for t, _ in want)
+    # Predicted tokens that never occur in the text: "<id N>" without a tokenizer (this
+    # test's is in memory only), the tokenizer's text with one.
+    unseen = [t for t in seen if t.startswith("<id ")]
+    assert unseen
+    with CodeIndex.open(path, tokenizer=setup["tok"]) as ix:
+        for site in (SITE, HEADS):
+            for code in _frequent_codes(ref, site):
+                got = ix.code_stats(site, code, top=5).predicted_next_tokens
+                want = _naive_predicted(ref, site, code)
+                assert [n for _, n in got] == [n for _, n in want]
+                for (text, _), (w, _) in zip(got, want, strict=True):
+                    if w.startswith("<id "):
+                        i = int(w[4:-1])
+                        assert text in (setup["tok"].decode([i]),
+                                        setup["tok"].convert_ids_to_tokens(i))
+                    else:
+                        assert text == w
+    # the predictions differ from the corpus's next tokens (it is an untrained model)
+    assert any(index.code_stats(SITE, c, top=5).predicted_next_tokens
+               != index.code_stats(SITE, c, top=5).next_tokens
+               for c in _frequent_codes(ref, SITE))
+    # An index built before predictions were recorded: no column, no predictions, the rest
+    # of the statistics unchanged.
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    meta = read_json(old / META_NAME)
+    for s in meta["shards"]:
+        f = old / s["files"]["tokens"]
+        pq.write_table(pq.read_table(f).drop_columns(["pred_id"]), f)
+    del meta["predictions"]
+    write_json(old / META_NAME, meta)
+    code = _frequent_codes(ref, SITE)[0]
+    with CodeIndex.open(old) as ix:
+        assert not ix.has_predictions and ix.predictions is None
+        st = ix.code_stats(SITE, code, top=5)
+        assert st.predicted_next_tokens is None
+        new = index.code_stats(SITE, code, top=5)
+        assert (st.count, st.tokens, st.next_tokens) == (new.count, new.tokens,
+                                                         new.next_tokens)
+    # Resuming such an index keeps its shards' columns alike (no pred_id in the new shards).
+    meta["shards"] = meta["shards"][:2]
+    meta["complete"] = False
+    write_json(old / META_NAME, meta)
+    build_index(setup["model"], setup["tok"], setup["texts"], old, shard_tokens=1000,
+                batch_size=4)
+    with CodeIndex.open(old) as ix:
+        assert ix.num_docs == NUM_DOCS and ix.predictions is None
+        assert ix.code_stats(SITE, code, top=5).predicted_next_tokens is None
 
 
 def _naive_positives(ref, pattern):

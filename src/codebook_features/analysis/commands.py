@@ -191,8 +191,11 @@ def _search(args: argparse.Namespace) -> int:
             text = "\n".join([
                 f"code {args.code} (group {group}) of {args.site}: fires on {stats.count} of "
                 f"{index.num_tokens} tokens ({100 * stats.frequency:.2f}%)",
-                "fires on:    " + ", ".join(f"{t!r} {c}" for t, c in stats.tokens),
-                "next tokens: " + ", ".join(f"{t!r} {c}" for t, c in stats.next_tokens),
+                "fires on:       " + ", ".join(f"{t!r} {c}" for t, c in stats.tokens),
+                "next in text:   " + ", ".join(f"{t!r} {c}" for t, c in stats.next_tokens),
+                *([] if stats.predicted_next_tokens is None else [
+                    "predicted next: " + ", ".join(f"{t!r} {c}"
+                                                   for t, c in stats.predicted_next_tokens)]),
                 "",
                 _table(["doc", "pos", "score", "context"],
                        [[c.doc, c.position, c.score,

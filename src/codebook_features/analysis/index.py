@@ -4,7 +4,11 @@ Layout of an index folder (one shard per ``shard_tokens`` tokens, whole document
 
     meta.json                        model base_info, sites, codebook fingerprint (sha256 of
                                      the codebook weights), tokenizer, settings, shards done
-    shard-00000.tokens.parquet       doc, pos, token_id, token, start, end (one row per token)
+    shard-00000.tokens.parquet       doc, pos, token_id, token, start, end, pred_id (one row
+                                     per token; pred_id: the model's top-1 prediction of the
+                                     next token there, the argmax of its logits with the
+                                     codebooks on; absent in indexes built before it was
+                                     recorded, ``meta["predictions"]`` says which)
     shard-00000.codes.parquet        doc, pos, site, grp, slot, code, score (one row per code)
     shard-00000.docs.parquet         doc, text
     shard-00000.grid.npy             int32 (tokens, slots): every token's codes, row = token
@@ -239,7 +243,8 @@ class _Shard:
         self.docs: list[int] = []
         self.texts: list[str] = []
         self.tok: dict[str, list[np.ndarray]] = {k: [] for k in
-                                                  ("doc", "pos", "token_id", "start", "end")}
+                                                  ("doc", "pos", "token_id", "start", "end",
+                                                   "pred_id")}
         self.tok_text: list[str] = []
         self.codes: dict[str, list[np.ndarray]] = {k: [] for k in
                                                     ("doc", "pos", "site", "grp", "slot",
@@ -259,12 +264,13 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
     is indexed in bounded memory, into the same index as a list of the same texts. Every text
     is tokenized with ``tokenizer`` (a fast tokenizer; special tokens such as BOS are added as
     the tokenizer does by default) and cut to ``max_length`` tokens (default: the tokenizer's
-    and the model's limit). Documents are run ``batch_size`` at a time, right-padded. A shard
-    is closed after the first batch that brings it to ``shard_tokens`` tokens, so memory stays
-    bounded. Rerunning with the same arguments (and the same texts in the same order) resumes:
-    shards listed in ``meta.json`` are skipped. ``codebooks``: the folder the model's
-    codebooks were loaded from, recorded so that tools (the browser)
-    can load the model again. Returns the path.
+    and the model's limit). Every token's row also records the model's own top-1 prediction
+    of the next token (``pred_id``: argmax of the logits, codebooks on). Documents are run
+    ``batch_size`` at a time, right-padded. A shard is closed after the first batch that
+    brings it to ``shard_tokens`` tokens, so memory stays bounded. Rerunning with the same
+    arguments (and the same texts in the same order) resumes: shards listed in ``meta.json``
+    are skipped. ``codebooks``: the folder the model's codebooks were loaded from, recorded so
+    that tools (the browser) can load the model again. Returns the path.
     """
     import pyarrow as pa
 
@@ -300,7 +306,7 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
     meta: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "base_model": model.base_info(),
         "sites": all_sites, "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
-        "settings": settings, "shards": [], "complete": False,
+        "settings": settings, "shards": [], "complete": False, "predictions": True,
     }
     meta["site_fingerprints"] = site_fingerprints(model, [s["name"] for s in all_sites])
     meta["codebook_fingerprint"] = codebook_fingerprint(meta["site_fingerprints"])
@@ -325,6 +331,10 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
                                 "or a new folder")
         if "codebook_fingerprint" not in old:  # begun by an older version: stays unchecked
             del meta["codebook_fingerprint"], meta["site_fingerprints"]
+        if old.get("shards") and not old.get("predictions"):
+            # begun by a version that did not record predictions: every shard's tokens table
+            # keeps the same columns
+            meta["predictions"] = False
         meta["shards"] = [s for s in old.get("shards", [])
                           if all((path / f).is_file() for f in s["files"].values())]
     done = {s["id"]: s for s in meta["shards"]}
@@ -351,12 +361,14 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
                                     "texts give; pass the same texts or a new folder")
             return
         tok = {k: np.concatenate(v) for k, v in shard.tok.items()}
-        _write_parquet(pa.table({
+        columns = {
             "doc": tok["doc"].astype(np.int64), "pos": tok["pos"].astype(np.int32),
             "token_id": tok["token_id"].astype(np.int32),
             "token": pa.array(shard.tok_text, pa.string()),
-            "start": tok["start"].astype(np.int32), "end": tok["end"].astype(np.int32)}),
-            path / files["tokens"])
+            "start": tok["start"].astype(np.int32), "end": tok["end"].astype(np.int32)}
+        if meta["predictions"]:
+            columns["pred_id"] = tok["pred_id"].astype(np.int32)
+        _write_parquet(pa.table(columns), path / files["tokens"])
         c = {k: np.concatenate(v) for k, v in shard.codes.items()}
         # Grid: row = the token's row in the tokens table, column = (site, grp, slot).
         first_row = np.cumsum(np.concatenate([[0], np.bincount(tok["doc"] - shard.docs[0])]))
@@ -391,8 +403,8 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
                 ids_list = enc["input_ids"]
                 skip = sid in done
                 if not skip:
-                    _run_batch(model, layers, ids_list, device, shard, doc,
-                               tokenizer.pad_token_id)
+                    preds = _run_batch(model, layers, ids_list, device, shard, doc,
+                                       tokenizer.pad_token_id)
                 for j, (text, ids) in enumerate(zip(batch, ids_list, strict=True)):
                     offs = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
                     n = len(ids)
@@ -405,6 +417,7 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
                         shard.tok["token_id"].append(np.asarray(ids))
                         shard.tok["start"].append(offs[:, 0])
                         shard.tok["end"].append(offs[:, 1])
+                        shard.tok["pred_id"].append(preds[j, :n])
                         pieces = tokenizer.convert_ids_to_tokens(ids)
                         shard.tok_text.extend(
                             text[s:e] if e > s else piece
@@ -428,15 +441,20 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
 
 
 def _run_batch(model: Any, layers: list[tuple[int, Any]], ids_list: list[list[int]],
-               device: torch.device, shard: _Shard, doc0: int, pad_id: int | None) -> None:
-    """Forward one right-padded batch and append its codes to ``shard``."""
+               device: torch.device, shard: _Shard, doc0: int, pad_id: int | None
+               ) -> np.ndarray:
+    """Forward one right-padded batch and append its codes to ``shard``; returns the
+    model's top-1 next-token prediction at every position (int32 (batch, width): the argmax
+    of the logits, the lowest token id on a tie)."""
     width = max(len(r) for r in ids_list)
     ids = torch.full((len(ids_list), width), pad_id or 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(ids_list):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
-    model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    preds = logits.argmax(-1).to(torch.int32).cpu().numpy()
     for site, layer in layers:
         codes, scores = layer.last_codes, layer.last_scores
         if codes is None:
@@ -465,3 +483,4 @@ def _run_batch(model: Any, layers: list[tuple[int, Any]], ids_list: list[list[in
             shard.codes["slot"].append(slot.reshape(-1))
             shard.codes["code"].append(codes[i, :n].reshape(-1).astype(np.int32))
             shard.codes["score"].append(scores[i, :n].reshape(-1).astype(np.float32))
+    return preds

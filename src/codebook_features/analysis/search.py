@@ -48,7 +48,12 @@ class CodeStats:
     tokens: list[tuple[str, int]]
     """Most common tokens it fires on: (token text, count), most common first."""
     next_tokens: list[tuple[str, int]]
-    """Most common tokens right after the ones it fires on (same document)."""
+    """Most common tokens that follow the ones it fires on in the corpus (the next token of
+    the same document)."""
+    predicted_next_tokens: list[tuple[str, int]] | None = None
+    """Most common next tokens the model itself predicts where the code fires (its top-1
+    prediction, recorded when the index was built); None for an index built before
+    predictions were recorded."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,15 @@ class CodeMatch:
 
 
 class CodeIndex:
-    """A code index opened for queries: ``CodeIndex.open(path, model=None)``."""
+    """A code index opened for queries: ``CodeIndex.open(path, model=None, tokenizer=None)``.
 
-    def __init__(self, path: Path, meta: dict[str, Any], model: Any = None) -> None:
+    ``tokenizer`` (optional, settable): names token ids that never occur in the indexed text
+    (the model's predicted next tokens can be such); without one, the index's tokenizer is
+    loaded from local files when it can be, else such a token is shown as ``"<id N>"``.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], model: Any = None,
+                 tokenizer: Any = None) -> None:
         import duckdb
 
         self.path = path
@@ -89,6 +100,10 @@ class CodeIndex:
         self._doc_rows: np.ndarray | None = None
         self._counts: np.ndarray | None = None
         self._tok_cols: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._preds: np.ndarray | None = None
+        self._has_preds: bool | None = None
+        self.tokenizer: Any = tokenizer
+        self._tokenizer_tried = False
         self._vocab: dict[int, str] | None = None
         self._texts: dict[int, tuple[str, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._regex_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -98,7 +113,8 @@ class CodeIndex:
             self.con.execute(f"CREATE VIEW {kind} AS SELECT * FROM read_parquet([{files}])")
 
     @classmethod
-    def open(cls, path: str | os.PathLike, model: Any = None) -> CodeIndex:
+    def open(cls, path: str | os.PathLike, model: Any = None, tokenizer: Any = None
+             ) -> CodeIndex:
         """Open the index at ``path``; with ``model``, check it is the model it was built with
         (shapes, and the codebook weights' fingerprint: another model's codebooks of the same
         shapes are refused; an index built before fingerprints were recorded opens with a
@@ -132,7 +148,7 @@ class CodeIndex:
                                 "build_index with the same arguments to rewrite it")
         if model is not None:
             check_model(meta, model, path)
-        return cls(path, meta, model)
+        return cls(path, meta, model, tokenizer)
 
     def close(self) -> None:
         self.con.close()
@@ -209,9 +225,11 @@ class CodeIndex:
         return out
 
     def code_stats(self, site: str, code: int, group: int = 0, top: int = 10) -> CodeStats:
-        """Frequency of ``code`` and the ``top`` most common tokens it fires on and after it
-        (ties broken by token id; a token id's text is the smallest text it has in the
-        index)."""
+        """Frequency of ``code`` and the ``top`` most common tokens it fires on, that follow
+        it in the corpus (``next_tokens``), and that the model predicts next where it fires
+        (``predicted_next_tokens``; None for an index without recorded predictions). Ties
+        are broken by token id; a token id's text is the smallest text it has in the index
+        (for a predicted token that never occurs there: the tokenizer's piece)."""
         s = self._code(site, code, group)
         got = self.con.execute("SELECT doc, pos FROM codes WHERE site = ? AND grp = ? AND "
                                "code = ?", [s, int(group), int(code)]).fetchnumpy()
@@ -221,13 +239,15 @@ class CodeIndex:
         nxt = rows + 1
         nxt = nxt[nxt < self.doc_rows[np.searchsorted(self.doc_rows, rows, side="right")]]
 
-        def common(r: np.ndarray) -> list[tuple[str, int]]:
-            c = np.bincount(tid[r]) if len(r) else np.zeros(0, np.int64)
+        def common(r: np.ndarray, ids_of: np.ndarray = tid) -> list[tuple[str, int]]:
+            c = np.bincount(ids_of[r]) if len(r) else np.zeros(0, np.int64)
             ids = np.lexsort((np.arange(len(c)), -c))[:int(top)]
-            return [(self.vocab[int(i)], int(c[i])) for i in ids if c[i] > 0]
+            return [(self.token_text(int(i)), int(c[i])) for i in ids if c[i] > 0]
 
         count = len(rows)
-        return CodeStats(count, count / max(self.num_tokens, 1), common(rows), common(nxt))
+        preds = self.predictions
+        return CodeStats(count, count / max(self.num_tokens, 1), common(rows), common(nxt),
+                         None if preds is None else common(rows, preds))
 
     def codes_at(self, doc: int, position: int) -> dict[str, list[list[int]]]:
         """Codes at token ``position`` of document ``doc``: site -> per group, the k codes in
@@ -354,6 +374,65 @@ class CodeIndex:
             self._tok_cols = tuple(np.concatenate(c) if c else np.zeros(0, np.int32)
                                    for c in cols)  # type: ignore[assignment]
         return self._tok_cols  # type: ignore[return-value]
+
+    @property
+    def has_predictions(self) -> bool:
+        """Whether every shard's tokens table holds the model's next-token predictions
+        (``pred_id``; indexes built before they were recorded do not)."""
+        if self._has_preds is None:
+            import pyarrow.parquet as pq
+
+            self._has_preds = bool(self.meta["shards"]) and all(
+                "pred_id" in pq.read_schema(self.path / sh["files"]["tokens"]).names
+                for sh in self.meta["shards"])
+        return self._has_preds
+
+    @property
+    def predictions(self) -> np.ndarray | None:
+        """int32 (num_tokens,): by global row, the model's top-1 prediction of the token after
+        each token (argmax of its logits with the codebooks on, recorded at build time); None
+        when the index has none (see :attr:`has_predictions`)."""
+        if self._preds is None and self.has_predictions:
+            import pyarrow.parquet as pq
+
+            self._preds = np.concatenate([
+                pq.read_table(self.path / sh["files"]["tokens"], columns=["pred_id"])
+                .column("pred_id").to_numpy().astype(np.int32)
+                for sh in self.meta["shards"]])
+        return self._preds
+
+    def token_text(self, token_id: int) -> str:
+        """A token id's text: the smallest text it has in the index, else (a token that never
+        occurs there, e.g. one only predicted) the tokenizer's text for it (decoded, or its
+        piece when it decodes to part of a character): :attr:`tokenizer`, else one loaded
+        from local files only (the index's, else the base model's folder); else
+        ``"<id N>"``."""
+        text = self.vocab.get(int(token_id))
+        if text is not None:
+            return text
+        if self.tokenizer is None and not self._tokenizer_tried:
+            self._tokenizer_tried = True
+            names = [self.meta.get("tokenizer"),
+                     (self.meta.get("base_model") or {}).get("name_or_path")]
+            for name in filter(None, names):
+                try:
+                    from transformers import AutoTokenizer
+
+                    self.tokenizer = AutoTokenizer.from_pretrained(name,
+                                                                   local_files_only=True)
+                    break
+                except Exception:  # not there: the next, or the id
+                    continue
+        if self.tokenizer is not None:
+            try:
+                piece = self.tokenizer.decode([int(token_id)])
+                if not piece or "\ufffd" in piece:
+                    piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+                if piece:
+                    return str(piece)
+            except Exception:  # an id outside the tokenizer's vocabulary
+                pass
+        return f"<id {int(token_id)}>"
 
     @property
     def vocab(self) -> dict[int, str]:

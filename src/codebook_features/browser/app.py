@@ -6,7 +6,8 @@
     GET  /api/info              the index (sites, sizes) and whether a model is loaded
     GET  /api/regex             codes of a site by precision/recall on a regex's matches
     GET  /api/token             the same against the positions of one token
-    GET  /api/code              a code: frequency, tokens, next tokens, top contexts (tokens)
+    GET  /api/code              a code: frequency, tokens, the tokens after it in the text, the
+                                next tokens the model predicts there, top contexts (tokens)
     GET  /api/similar           the nearest codes of the same codebook group (needs the model)
     GET  /api/codes_at          the codes at one token, every site
     POST /api/steer             unsteered and steered continuations of a prompt (needs it too)
@@ -103,6 +104,8 @@ class Browser:
             name = meta.get("tokenizer") or model.base_info()["name_or_path"]
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             self.model = model
+            if self._index.tokenizer is None:  # names predicted tokens absent from the text
+                self._index.tokenizer = self.tokenizer
         except CodebookError as e:
             self.model_error = f"model not loaded: {e}"
         except Exception as e:  # a broken folder, a missing tokenizer: the index still serves
@@ -114,6 +117,7 @@ class Browser:
             ix = self.index
             ix.doc_rows, ix.counts, ix.vocab  # noqa: B018 - the caches the first queries need
             ix._token_columns()
+            ix.predictions  # noqa: B018 - None for an index without predictions
             for i in range(len(ix.meta["shards"])):
                 ix._shard_text(i)
             self._warm_neurons(ix)

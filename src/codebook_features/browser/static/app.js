@@ -95,6 +95,10 @@ async function openCode(site, group, code) {
     ...rows.map(([tok, n]) => el("li", {}, `${JSON.stringify(tok)} × ${n}`)));
   counts("code-tokens", s.tokens);
   counts("code-next", s.next_tokens);
+  // The model's own next-token predictions where the code fires (absent in old indexes).
+  const hasPred = Array.isArray(s.predicted_next_tokens);
+  $("code-pred-box").hidden = !hasPred;
+  counts("code-pred", hasPred ? s.predicted_next_tokens : []);
   const box = $("contexts");
   box.replaceChildren();
   if (!data.contexts.length) box.append(el("p", { className: "muted" }, "never fires"));
