@@ -291,9 +291,23 @@ def server(built):
         proc.kill()
 
 
-def test_page_end_to_end(server, tmp_path):
+def _count_items(rows):
+    """A code page's list of (token, count) as the page writes it."""
+    import json
+
+    return [f"{json.dumps(t, ensure_ascii=False)} × {n}" for t, n in rows]
+
+
+def test_page_end_to_end(built, server, tmp_path):
     _need_browser()
     from playwright.sync_api import expect, sync_playwright
+
+    with CodeIndex.open(built["index"], tokenizer=built["tok"]) as ix:
+        by_token = ix.token_search("the", MLP, n=50)  # a whole token here
+        assert by_token
+        g_tok, c_tok = by_token[0].group, by_token[0].code
+        tok_stats = ix.code_stats(MLP, c_tok, g_tok, top=10)
+    assert tok_stats.predicted_next_tokens
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
@@ -332,6 +346,33 @@ def test_page_end_to_end(server, tmp_path):
             group = int(rows.first.locator("td").nth(0).inner_text())
             expect(table.nth(group).locator(".code-link", has_text=re.compile(f"^{code}$"))
                    ).to_have_count(1)
+            # Token search: type a token, the codes that fire on it, in the index's order.
+            page.select_option("#search-mode", "token")
+            page.select_option("#site", MLP)
+            page.fill("#query", "the")
+            page.click("#search-btn")
+            expect(page.locator("#search-summary")).to_contain_text(
+                f"{len(by_token)} codes")
+            rows = page.locator("#results tbody tr")
+            expect(rows).to_have_count(len(by_token))
+            assert [(int(rows.nth(i).locator("td").nth(0).inner_text()),
+                     int(rows.nth(i).locator("td").nth(1).inner_text()))
+                    for i in range(len(by_token))] == [(m.group, m.code) for m in by_token]
+            # Open the best one: its statistics, the model's predicted next tokens included.
+            rows.first.click()
+            expect(page.locator("#code-title")).to_have_text(
+                f"{MLP} — group {g_tok}, code {c_tok}")
+            expect(page.locator("#code-freq")).to_contain_text(
+                f"fires on {tok_stats.count} tokens")
+            expect(page.locator("#code-tokens li")).to_have_text(
+                _count_items(tok_stats.tokens))
+            expect(page.locator("#code-next li")).to_have_text(
+                _count_items(tok_stats.next_tokens))
+            expect(page.locator("#code-pred-box")).to_be_visible()
+            expect(page.locator("#code-pred-box h3")).to_have_text("predicted next")
+            expect(page.locator("#code-pred li")).to_have_text(
+                _count_items(tok_stats.predicted_next_tokens))
+            expect(page.locator("#contexts .tok.hit").first).to_be_visible()
             # Steer from a prompt with that code.
             page.click("#add-steer")
             expect(page.locator("#steer-codes .chip")).to_have_count(1)
