@@ -200,13 +200,18 @@ def topk_last(s: Tensor, k: int, bs: int | None) -> tuple[Tensor, Tensor]:
             v, i = s.max(-1, keepdim=True)
             return v, i
         return s.topk(k, -1)
-    blocks = s.unflatten(-1, (s.shape[-1] // bs, bs))
+    nb = s.shape[-1] // bs
+    blocks = s.unflatten(-1, (nb, bs))
     bmax = blocks.amax(-1)
     if k == 1:
         blk = bmax.argmax(-1, keepdim=True)
     else:
         blk = bmax.topk(k, -1, sorted=False).indices
-    cand = blocks.gather(-2, blk.unsqueeze(-1).expand(*blk.shape, bs)).flatten(-2)
+    # The chosen blocks as whole rows of a (rows * nb, bs) view: index_select copies them
+    # ~20x faster than an element-wise gather.
+    lead = blk.shape[:-1]
+    first = torch.arange(bmax.numel() // nb, device=s.device).view(*lead, 1) * nb
+    cand = blocks.reshape(-1, bs).index_select(0, (blk + first).view(-1)).view(*lead, k * bs)
     v, j = cand.max(-1, keepdim=True) if k == 1 else cand.topk(k, -1)
     idx = blk.gather(-1, torch.div(j, bs, rounding_mode="floor")).mul_(bs).add_(j % bs)
     return v, idx
