@@ -75,8 +75,9 @@ def test_cli_runs(workload, tmp_path):
 
 
 def test_progress_bars_on_by_default_and_disable_tqdm_hides_them(workload, tmp_path):
-    """A CLI run draws tqdm bars on stderr: the Trainer's (steps of max_steps) and the data
-    packing's; ``training.disable_tqdm=true`` hides every bar, not only the Trainer's."""
+    """A CLI run draws tqdm bars on stderr: the Trainer's (steps of max_steps) and the weight
+    loading's; ``training.disable_tqdm=true`` hides every bar (data packing's, weight
+    loading's and writing's), not only the Trainer's."""
     import re
 
     d, corpus = workload
@@ -93,7 +94,7 @@ def test_progress_bars_on_by_default_and_disable_tqdm_hides_them(workload, tmp_p
     bar = re.compile(r"\d+%\|[^|]*\| \d+/\d+ \[")  # "100%|███| 3/3 [00:01<00:00, ...]"
     steps = re.findall(r"(?m)^\s*(\d+)%\|[^|]*\| (\d+)/3 \[", runs["false"])
     assert steps and steps[-1] == ("100", "3"), runs["false"][-2000:]  # the Trainer's bar
-    assert re.search(r"Map: +100%\|", runs["false"])  # packing the text
+    assert re.search(r"Loading weights: +100%\|", runs["false"])  # transformers' bar
     assert not bar.search(runs["true"]) and "it/s]" not in runs["true"], runs["true"][-2000:]
     assert "examples/s]" not in runs["true"]
 
