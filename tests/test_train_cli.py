@@ -248,13 +248,30 @@ def test_yaml_no_and_yes_stay_strings(tmp_path):
     assert cfg.training["disable_tqdm"] is True and cfg.training["bf16"] is False
 
 
-def _train_proc(d: Path, corpus: Path, out: Path) -> subprocess.Popen:
+# `python -m codebook_features` with every checkpoint save pausing after the codebooks are
+# written, so that a test can kill the run in the middle of writing a checkpoint.
+SLOW_SAVE = """
+import runpy, sys, time
+from codebook_features.model import CodebookModel
+real = CodebookModel.save_codebooks
+def save_codebooks(self, directory, *args, **kwargs):
+    real(self, directory, *args, **kwargs)
+    if ".tmp-checkpoint-" in str(directory):
+        time.sleep(1.0)
+CodebookModel.save_codebooks = save_codebooks
+sys.argv = ["codebook_features", *sys.argv[1:]]
+runpy.run_module("codebook_features", run_name="__main__")
+"""
+
+
+def _train_proc(d: Path, corpus: Path, out: Path, slow_save: bool = False) -> subprocess.Popen:
     # Dead codes (3 steps unused) replaced every 5 steps: before the kill and after the resume.
     args = overrides(d, corpus, f"training.output_dir={out}", "training.max_steps=40",
                      "training.save_steps=5", "training.logging_steps=5",
                      "training.dead_code_interval=5", "codebooks.dead_code_window=3")
-    return subprocess.Popen([sys.executable, "-m", "codebook_features", "train", str(CONFIG),
-                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    entry = ["-c", SLOW_SAVE] if slow_save else ["-m", "codebook_features"]
+    return subprocess.Popen([sys.executable, *entry, "train", str(CONFIG), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _replaced_by_step(run: Path) -> dict[int, int]:
@@ -268,10 +285,14 @@ def _replaced_by_step(run: Path) -> dict[int, int]:
 
 
 def test_sigkill_then_resume_gives_the_same_codebooks(workload, tmp_path):
+    """SIGKILL in the middle of writing a checkpoint (after step 10's is complete): the
+    half-written one is only a hidden staging folder, never a ``checkpoint-N`` that resume
+    (Hugging Face's or ours) would pick up; resuming ends exactly like the uninterrupted run."""
     import signal
     import time
 
     from safetensors.torch import load_file
+    from transformers.trainer_utils import get_last_checkpoint
 
     from codebook_features.training import last_complete_checkpoint
 
@@ -282,22 +303,35 @@ def test_sigkill_then_resume_gives_the_same_codebooks(workload, tmp_path):
     def step_of(ckpt: str | None) -> int:
         return int(ckpt.rsplit("-", 1)[1]) if ckpt else 0
 
-    cut = _train_proc(d, corpus, tmp_path / "cut")
+    cut_dir = tmp_path / "cut"
+
+    def mid_save() -> Path | None:
+        """A checkpoint after step 10 being written: its codebooks are, its state is not."""
+        for staged in cut_dir.glob(".tmp-checkpoint-*/checkpoint-*"):
+            if step_of(staged.name) > 10 and (staged / "codebooks.safetensors").is_file():
+                return staged
+        return None
+
+    cut = _train_proc(d, corpus, cut_dir, slow_save=True)
     deadline = time.time() + 600
-    while step_of(last_complete_checkpoint(tmp_path / "cut")) < 10 and cut.poll() is None:
+    while (staged := mid_save()) is None and cut.poll() is None:
         assert time.time() < deadline
         time.sleep(0.02)
     cut.send_signal(signal.SIGKILL)
     cut.wait(timeout=60)
     assert cut.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "cut" / "final").exists()
-    killed_at = step_of(last_complete_checkpoint(tmp_path / "cut"))
-    assert 10 <= killed_at < 40
+    assert not (cut_dir / "final").exists()
+    assert staged.is_dir() and not (staged / "trainer_state.json").exists()  # half-written
+    assert not (cut_dir / staged.name).exists()  # ... and not where resume looks
+    killed_at = step_of(last_complete_checkpoint(cut_dir))
+    assert killed_at == step_of(staged.name) - 5 and 10 <= killed_at < 40
+    assert get_last_checkpoint(str(cut_dir)) == last_complete_checkpoint(cut_dir)
     before = _replaced_by_step(tmp_path / "cut")
     assert before[10] > 0, before  # dead codes were replaced before the kill
 
-    resumed = _train_proc(d, corpus, tmp_path / "cut")
+    resumed = _train_proc(d, corpus, cut_dir)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    assert not list(cut_dir.glob(".tmp-*"))  # the next save removed the staging folder
     after = _replaced_by_step(tmp_path / "cut")
     assert after[40] > 0, after  # ... and by the resumed process, after the kill
     for name in ("codebooks.safetensors", "model.safetensors"):  # codebooks and base weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,104 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     logs = [[h["codebook_mse"] for h in t.state.log_history if "codebook_mse" in h]
             for t in (one, two)]
     assert logs[1] == pytest.approx(logs[0], rel=1e-9)
+
+
+def _checkpoints(out) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("crash_in", ["codebooks", "rng_state", "trainer_state"])
+def test_crash_inside_a_checkpoint_save_leaves_no_checkpoint_folder(tmp_path, monkeypatch,
+                                                                    crash_in):
+    """A save that dies part-way (after the codebooks, before the RNG state, or while writing
+    the trainer state, the last file) leaves no ``checkpoint-6`` folder: only a hidden staging
+    folder, which neither Hugging Face's ``get_last_checkpoint`` nor ours picks up. Resuming
+    from the last checkpoint ends exactly like the uninterrupted run, and the next save
+    deletes the half-written staging folder."""
+    from transformers import Trainer
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from codebook_features.training import last_complete_checkpoint
+
+    data = make_data()
+    full = make_model()
+    CodebookTrainer(full, args(tmp_path / "full"), train_dataset=data,
+                    data_collator=default_data_collator).train()
+
+    class Crash(Exception):
+        pass
+
+    def crashing(real, write_first: bool):
+        def f(self, path, *a, **kw):
+            if "checkpoint-6" not in str(path):
+                return real(self, path, *a, **kw)
+            if write_first:
+                real(self, path, *a, **kw)
+            if crash_in == "trainer_state":  # half a JSON file, then the crash
+                Path(path).write_text('{"best_metric": 0.5, "log_his')
+            raise Crash(crash_in)
+        return f
+
+    target = {"codebooks": (CodebookModel, "save_codebooks", True),
+              "rng_state": (Trainer, "_save_rng_state", False),
+              "trainer_state": (TrainerState, "save_to_json", False)}[crash_in]
+    cut_args = dict(save_strategy="steps", save_steps=3)
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(target[0], target[1], crashing(getattr(target[0], target[1]), target[2]))
+        with pytest.raises(Crash):
+            CodebookTrainer(make_model(), args(out, **cut_args), train_dataset=data,
+                            data_collator=default_data_collator).train()
+    assert _checkpoints(out) == [".tmp-checkpoint-6", "checkpoint-3"]
+    staged = out / ".tmp-checkpoint-6" / "checkpoint-6"
+    assert (staged / "codebooks.safetensors").is_file()  # the crash was mid-checkpoint
+    ckpt = out / "checkpoint-3"
+    assert get_last_checkpoint(str(out)) == str(ckpt) == last_complete_checkpoint(out)
+    assert {"model.safetensors", "codebooks.safetensors", "codebook_model.json", "optimizer.pt",
+            "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
+        p.name for p in ckpt.iterdir()}
+
+    resumed = make_model(seed=123)
+    CodebookTrainer(resumed, args(out, **cut_args), train_dataset=data,
+                    data_collator=default_data_collator
+                    ).train(resume_from_checkpoint=get_last_checkpoint(str(out)))
+    assert _checkpoints(out) == ["checkpoint-3", "checkpoint-6"]  # staging folder gone
+    want, got = state(full), state(resumed)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_atomic_checkpoints_keep_rotation_best_checkpoint_and_resave(tmp_path):
+    """``save_total_limit`` rotation and the best checkpoint work with checkpoints renamed into
+    place: two folders stay (the newest and the best), every one complete, no staging folder
+    left, and no saved state names a staging path. Saving a step again replaces its folder."""
+    import json
+
+    from codebook_features.training import last_complete_checkpoint
+
+    out = tmp_path / "run"
+    t = CodebookTrainer(make_model(), args(out, save_strategy="steps", save_steps=1,
+                                           save_total_limit=2, eval_strategy="steps",
+                                           eval_steps=1, metric_for_best_model="loss",
+                                           greater_is_better=False),
+                        train_dataset=make_data(), eval_dataset=make_data(16),
+                        data_collator=default_data_collator)
+    t.train()
+    best = t.state.best_model_checkpoint
+    assert best is not None and ".tmp-" not in best and (out / Path(best).name).is_dir()
+    kept = _checkpoints(out)
+    assert len(kept) == 2 and "checkpoint-6" in kept and Path(best).name in kept, kept
+    for name in kept:
+        files = {p.name for p in (out / name).iterdir()}
+        assert {"model.safetensors", "codebooks.safetensors", "codebook_model.json",
+                "optimizer.pt", "trainer_state.json"} <= files, name
+        saved = json.loads((out / name / "trainer_state.json").read_text())
+        assert ".tmp-" not in json.dumps(saved), name
+    saved = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert saved["best_model_checkpoint"] == best
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-6")
+    before = (out / "checkpoint-6" / "codebooks.safetensors").stat().st_ino
+    t._save_checkpoint(t.model, trial=None)  # the same step again: replaced whole
+    assert _checkpoints(out) == kept
+    assert (out / "checkpoint-6" / "codebooks.safetensors").stat().st_ino != before

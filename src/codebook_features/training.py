@@ -5,7 +5,8 @@ codebooks and model weights (or a frozen model), one learning-rate schedule for 
 replacement kept identical on every process, codebook metrics in the logs, evaluation with and
 without codebooks, and checkpoints that hold the base weights (``save_pretrained``) and the
 codebooks with their statistics (``save_codebooks``), so that an interrupted run resumes where
-it stopped."""
+it stopped. Checkpoints are written atomically: into a hidden staging folder, renamed to
+``checkpoint-N`` once complete."""
 
 from __future__ import annotations
 
@@ -125,12 +126,52 @@ def _tokens(batch: Any) -> int:
     return 0
 
 
+STAGING_PREFIX = ".tmp-"
+"""A checkpoint is written into ``OUTPUT_DIR/.tmp-checkpoint-N/checkpoint-N`` and renamed to
+``OUTPUT_DIR/checkpoint-N`` once complete (a hidden name that neither Hugging Face's
+``get_last_checkpoint`` nor its checkpoint rotation matches)."""
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str | os.PathLike) -> None:
+    """Flush every file under ``root``, and the folders, to the disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+
+
+def _move_into_place(src: str, dst: str) -> None:
+    """Rename the complete folder ``src`` to ``dst``; an existing ``dst`` (the same step saved
+    again) is first moved aside, then deleted. Either name is always a whole checkpoint."""
+    import shutil
+
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+        return
+    parent, name = os.path.split(dst)
+    old = os.path.join(parent, f"{STAGING_PREFIX}old-{name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` whose save finished, or None.
 
-    A checkpoint is complete when its trainer state (written last by the Trainer) parses and
-    its codebook config (written last by ``save_codebooks``) exists; a run killed mid-save
-    leaves an incomplete folder, which is skipped.
+    ``CodebookTrainer`` writes checkpoints atomically (a staging folder renamed into place), so
+    every ``checkpoint-N`` it leaves is complete. As a second guard (folders written otherwise:
+    older versions, Hugging Face's JIT checkpoints, a file system without atomic renames), a
+    checkpoint counts as complete only when its trainer state (written last by the Trainer)
+    parses and its codebook config (written last by ``save_codebooks``) exists.
     """
     import json
     import re
@@ -324,6 +365,57 @@ class CodebookTrainer(Trainer):
                                                          metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
+
+    # Checkpoints are atomic: written into a staging folder beside the final one (every
+    # process's files, e.g. each rank's RNG state), flushed to disk, then renamed into place.
+    # A run killed mid-save leaves only the staging folder, which resume never picks up and
+    # the next save deletes. Rotation (save_total_limit) runs once the new one is in place.
+    _staging_dir: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        import shutil
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
+        written, target = os.path.join(staging, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(run_dir):  # killed saves' leftovers
+            for leftover in Path(run_dir).glob(f"{STAGING_PREFIX}*{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == written:  # the best one is this one
+            self.state.best_model_checkpoint = target
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(written, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every process has written its files
+        if self.args.should_save:
+            self._finish_checkpoint(written, target, staging)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.local_process_index == 0 and os.path.isdir(written):
+            # a node whose disk is not the saving process's: its processes' RNG states
+            self._finish_checkpoint(written, target, staging)
+
+    @staticmethod
+    def _finish_checkpoint(written: str, target: str, staging: str) -> None:
+        import shutil
+
+        _fsync_tree(written)
+        _move_into_place(written, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        _fsync(os.path.dirname(target))
 
     # Checkpoints: base weights with save_pretrained, codebooks (with statistics) beside them.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
