@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import transformers as T
-from tiny_models import story_workload
+from tiny_models import assert_same_index, story_workload
 
 from codebook_features.analysis import CodeIndex
 from codebook_features.cli import main
@@ -77,27 +77,13 @@ def test_index_then_search(built, capsys):
     assert len(err) == 2 and all(e.startswith("error: ") for e in err)
 
 
-def _same_index(a, b):
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    meta = read_json(a / "meta.json")
-    assert read_json(b / "meta.json") == meta
-    for shard in meta["shards"]:
-        for f in shard["files"].values():
-            if f.endswith(".npy"):
-                np.testing.assert_array_equal(np.load(a / f), np.load(b / f))
-            else:
-                assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
-
-
 def test_index_streaming_dataset_max_docs(built, capsys, tmp_path):
     cb, corpus = str(built["codebooks"]), str(built["corpus"])
     # --streaming reads the files as a stream: the same index as the prepared dataset.
     assert main(["index", cb, "--files", corpus, "--streaming", "--out", str(tmp_path / "s"),
                  "--shard-tokens", "500"]) == 0
     assert "indexed 40 documents" in capsys.readouterr().out
-    _same_index(built["index"], tmp_path / "s")
+    assert_same_index(built["index"], tmp_path / "s")
     # --max-docs: the first documents, streamed or not; --dataset: a local dataset folder.
     folder = tmp_path / "ds"
     folder.mkdir()

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers as T
+from tiny_models import assert_same_index
 
 from codebook_features.analysis import CodeIndex, best_neuron_precision, build_index
 from codebook_features.analysis.index import (
@@ -416,18 +417,6 @@ def test_dataset_input(setup, tmp_path):
         assert ix.codes_at(5, 4) == setup["index"].codes_at(5, 4)
 
 
-def _same_index(a, b):
-    """Two index folders hold the same meta and the same tables and arrays."""
-    meta = read_json(a / META_NAME)
-    assert read_json(b / META_NAME) == meta
-    for shard in meta["shards"]:
-        for f in shard["files"].values():
-            if f.endswith(".npy"):
-                np.testing.assert_array_equal(np.load(a / f), np.load(b / f))
-            else:
-                assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
-
-
 def test_streaming_input(setup, tmp_path):
     """A streaming IterableDataset, or a generator, gives the index of the in-memory list,
     read a batch at a time (bounded memory)."""
@@ -437,7 +426,7 @@ def test_streaming_input(setup, tmp_path):
     stream = Dataset.from_dict({"text": texts}).to_iterable_dataset()
     assert isinstance(stream, IterableDataset)
     build_index(model, tok, stream, tmp_path / "a", shard_tokens=1000, batch_size=4)
-    _same_index(path, tmp_path / "a")
+    assert_same_index(path, tmp_path / "a")
     # A stream whose columns are unknown until read, with another text column.
     gen = IterableDataset.from_generator(lambda: ({"id": i, "story": t}
                                                   for i, t in enumerate(texts[:9])))
@@ -461,7 +450,7 @@ def test_streaming_input(setup, tmp_path):
             yield t
 
     build_index(model, tok, lazily(), out, shard_tokens=1000, batch_size=batch)
-    _same_index(path, out)
+    assert_same_index(path, out)
     meta = read_json(out / META_NAME)
     per_shard = max(s["end_doc"] - s["first_doc"] for s in meta["shards"])
     assert len(ahead) == NUM_DOCS and max(ahead) < per_shard + batch < NUM_DOCS

@@ -91,3 +91,21 @@ def story_workload(folder, num_stories: int, seed: int, positions: int):
     model.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     return corpus, tok, model
+
+
+def assert_same_index(a, b) -> None:
+    """Two code-index folders hold the same meta and the same tables and arrays."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from codebook_features.analysis.index import META_NAME
+    from codebook_features.io import read_json
+
+    meta = read_json(a / META_NAME)
+    assert read_json(b / META_NAME) == meta
+    for shard in meta["shards"]:
+        for f in shard["files"].values():
+            if f.endswith(".npy"):
+                np.testing.assert_array_equal(np.load(a / f), np.load(b / f))
+            else:
+                assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
