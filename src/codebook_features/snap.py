@@ -31,6 +31,7 @@ codebook gradient (only chosen codes get any).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -251,6 +252,22 @@ def search(x: Tensor, codebook: Tensor, k: int, similarity: str = "cosine",
     return SearchResult(codes, _finish_scores(scores, x, similarity))
 
 
+def _score_blocks(xt: Tensor, keys_t: Tensor, bias3: Tensor | None, rows: int, buf: Tensor,
+                  ) -> Iterator[tuple[int, int, Tensor]]:
+    """``(start, end, scores)`` for token chunks of ``rows``: ``scores`` ``(G, end - start, C)``
+    is ``xt[:, start:end] @ keys_t (+ bias3)``, written into the reused ``buf``."""
+    g, n, _ = xt.shape
+    num_codes = keys_t.shape[-1]
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        s = buf[: g * (end - start) * num_codes].view(g, end - start, num_codes)
+        if bias3 is None:
+            torch.bmm(xt[:, start:end], keys_t, out=s)
+        else:
+            torch.baddbmm(bias3, xt[:, start:end], keys_t, out=s)
+        yield start, end, s
+
+
 def _search_torch(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, chunk_mib: float,
                   ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
     """Exact chunked top-k of ``x . key + bias``: codes and ranking scores ``(N, G, k)``."""
@@ -264,13 +281,7 @@ def _search_torch(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, chunk_mi
     scores = torch.empty(g, n, k, dtype=x.dtype, device=x.device)
     buf = _scratch(ws, "scores", (g * chunk * num_codes,), x)
     bias3 = None if bias is None else bias.unsqueeze(1)
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        s = buf[: g * (end - start) * num_codes].view(g, end - start, num_codes)
-        if bias3 is None:
-            torch.bmm(xt[:, start:end], keys_t, out=s)
-        else:
-            torch.baddbmm(bias3, xt[:, start:end], keys_t, out=s)
+    for start, end, s in _score_blocks(xt, keys_t, bias3, chunk, buf):
         v, i = topk_last(s, k, bs)
         scores[:, start:end] = v
         codes[:, start:end] = i
@@ -426,13 +437,7 @@ def _search_screened(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, simil
     short = torch.empty(g, n, m, dtype=torch.long, device=x.device)
     bound = torch.empty(g, n, dtype=torch.float32, device=x.device)
     buf = _scratch(ws, "scores_bf16", (g * rows * num_codes,), xb)
-    for start in range(0, n, rows):
-        end = min(n, start + rows)
-        st = buf[: g * (end - start) * num_codes].view(g, end - start, num_codes)
-        if bias_b is None:
-            torch.bmm(xbt[:, start:end], kbt, out=st)
-        else:
-            torch.baddbmm(bias_b, xbt[:, start:end], kbt, out=st)
+    for start, end, st in _score_blocks(xbt, kbt, bias_b, rows, buf):
         short[:, start:end], bound[:, start:end] = _screen_chunk(st, m, bs)
     short = short.transpose(0, 1)  # (N, G, m)
     exact = _score_shortlist(x, keys, short, chunk_mib, ws)
