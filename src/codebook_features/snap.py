@@ -7,7 +7,8 @@ Search backends (``search(..., backend=)``), all exact unless named otherwise:
 * ``faiss``: FAISS's blocked brute-force search (``knn_inner_product`` / ``knn_L2sqr`` on
   NumPy views of the torch tensors, no index built, results written straight into torch
   tensors). CPU, float32 only. It fuses the similarity block with the top-k scan; on the AMD
-  CPU we measured its sgemm beat torch's, on Intel CPUs torch's MKL is 4-9x faster.
+  CPU we measured its sgemm beat torch's; on the Intel one its flat search took 1.3-6x
+  torch's similarity matmul.
 * ``torch``: token chunks whose score block is bounded by ``chunk_mib``; one ``bmm`` per
   chunk into a reused buffer, then an exact *block-max* top-k (see :func:`topk_last`). Any
   device and dtype; no host sync.
@@ -151,8 +152,9 @@ def _cpu_flags() -> tuple[str, frozenset[str]]:
 
 
 def fast_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX-BF16), where a
-    bfloat16 ``bmm`` runs 3-8x faster than float32 (``benchmarks/snap.py`` measures it)."""
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX-BF16): on the one
+    we measured, a bfloat16 ``torch.mm`` of the benchmark shapes ran 1.7-8x faster than
+    float32."""
     return "amx_bf16" in _cpu_flags()[1]
 
 
@@ -331,25 +333,11 @@ def shortlist_size(k: int) -> int:
 def _search_bf16(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, similarity: str,
                  chunk_mib: float) -> SearchResult:
     """Approximate: bfloat16 similarity, then an exact re-rank of a shortlist per token."""
-    n, g, dg = x.shape
     num_codes = keys.shape[1]
     m = min(num_codes, shortlist_size(k))
     short, _ = _search_torch(x.to(torch.bfloat16), keys.to(torch.bfloat16),
                              None if bias is None else bias.to(torch.bfloat16), m, chunk_mib)
-    # Exact scores of the shortlist, in token chunks of (rows, G, m, dg) gathered keys.
-    codes = torch.empty(n, g, k, dtype=torch.long, device=x.device)
-    scores = torch.empty(n, g, k, dtype=x.dtype, device=x.device)
-    gidx = torch.arange(g, device=x.device).view(1, g, 1)
-    rows = default_chunk(n, g, m * dg, chunk_mib, x.element_size())
-    for start in range(0, n, rows):
-        end = min(n, start + rows)
-        sl = short[start:end]
-        exact = torch.einsum("ngmd,ngd->ngm", keys[gidx, sl], x[start:end])
-        if bias is not None:
-            exact += bias[gidx, sl]
-        v, j = exact.topk(k, -1)
-        codes[start:end] = sl.gather(-1, j)
-        scores[start:end] = v
+    codes, scores = _rerank(x, keys, bias, short, k, chunk_mib)
     return SearchResult(codes, _finish_scores(scores, x, similarity))
 
 
@@ -388,10 +376,11 @@ def _screen_chunk(s: Tensor, m: int, bs: int) -> tuple[Tensor, Tensor]:
     return i, _bf16_value(v[..., -1].int())
 
 
-def _score_shortlist(x: Tensor, keys: Tensor, short: Tensor, chunk_mib: float,
-                     ws: Workspace | None) -> Tensor:
-    """Exact scores ``x . key`` ``(N, G, m)`` of shortlisted codes ``short`` ``(N, G, m)``,
-    gathering key rows in chunks into a reused buffer (fresh multi-MiB gathers page-fault)."""
+def _rerank(x: Tensor, keys: Tensor, bias: Tensor | None, short: Tensor, k: int,
+            chunk_mib: float, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
+    """The exact top k of each token's shortlisted codes ``short`` ``(N, G, m)``: codes and
+    ranking scores ``x . key + bias`` ``(N, G, k)``. Key rows are gathered in chunks into a
+    reused buffer (fresh multi-MiB gathers page-fault)."""
     n, g, dg = x.shape
     m = short.shape[-1]
     offsets = torch.arange(g, device=x.device).view(1, g, 1) * keys.shape[1]
@@ -406,7 +395,11 @@ def _score_shortlist(x: Tensor, keys: Tensor, short: Tensor, chunk_mib: float,
         got = torch.index_select(book, 0, flat[start * m:end * m], out=rows[: (end - start) * m])
         torch.bmm(got.view(end - start, m, dg), xf[start:end],
                   out=exact[start:end].unsqueeze(-1))
-    return exact.view(n, g, m)
+    exact = exact.view(n, g, m)
+    if bias is not None:
+        exact += bias.reshape(-1)[flat].view(n, g, m)
+    v, j = exact.topk(k, -1) if k > 1 else exact.max(-1, keepdim=True)
+    return short.gather(-1, j), v
 
 
 def _search_screened(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, similarity: str,
@@ -440,11 +433,7 @@ def _search_screened(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, simil
     for start, end, st in _score_blocks(xbt, kbt, bias_b, rows, buf):
         short[:, start:end], bound[:, start:end] = _screen_chunk(st, m, bs)
     short = short.transpose(0, 1)  # (N, G, m)
-    exact = _score_shortlist(x, keys, short, chunk_mib, ws)
-    if bias is not None:
-        exact += bias[torch.arange(g, device=x.device).view(1, g, 1), short]
-    v, j = exact.topk(k, -1) if k > 1 else exact.max(-1, keepdim=True)
-    codes = short.gather(-1, j)
+    codes, v = _rerank(x, keys, bias, short, k, chunk_mib, ws)
     # The certificate: the k-th exact score beats every left-out code's largest possible one.
     xn = x.norm(dim=-1)  # (N, G)
     dx = torch.linalg.vector_norm(x - xb, dim=-1)
