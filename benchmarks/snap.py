@@ -31,6 +31,7 @@ codes and on clustered codes with inputs near them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -38,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 SHAPES = [  # (N, d, C, k, G)
     (4096, 512, 10000, 8, 1),
@@ -238,14 +240,13 @@ def measure_shape(shape: tuple[int, ...], impls: list[str], repeats: int) -> lis
     for impl in built:
         if impl.startswith("codebook"):
             layer = built[impl][0].layer
-            if impl == "codebook_screen":
-                redo = _count_screen_redos()
-            built[impl][0]()
+            with _screen_redos() as redo:
+                built[impl][0]()
             codes[impl] = layer.last_codes.sort(-1).values
             for row in rows:
                 if row["impl"] == impl:
                     row["backend"] = snap_backend(layer, x_shape=(n, g, d // g))
-                    if impl == "codebook_screen":
+                    if row["backend"] == "bf16_screen":
                         row["redo_fraction"] = round(sum(redo) / n, 5)
     if "codebook_torch" in codes:
         for row in rows:
@@ -265,8 +266,9 @@ def snap_backend(layer, x_shape: tuple[int, int, int]) -> str:
                                 layer.codebook)
 
 
-def _count_screen_redos() -> list[int]:
-    """Rows the certified bf16 screen hands to exact search (the next call's, once)."""
+@contextlib.contextmanager
+def _screen_redos() -> Iterator[list[int]]:
+    """Collects the rows the certified bf16 screen hands to exact search meanwhile."""
     from codebook_features import snap
 
     calls: list[int] = []
@@ -274,11 +276,13 @@ def _count_screen_redos() -> list[int]:
 
     def spy(x, *args, **kwargs):
         calls.append(x.shape[0])
-        snap._search_torch = exact
         return exact(x, *args, **kwargs)
 
     snap._search_torch = spy
-    return calls
+    try:
+        yield calls
+    finally:
+        snap._search_torch = exact
 
 
 def approx_rows(shape: tuple[int, ...], repeats: int) -> list[dict]:
