@@ -430,7 +430,7 @@ def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
 
     from .data.text import take_rows
     from .evaluate import evaluate_codebooks
-    from .io import write_json
+    from .io import read_json, write_json
     from .model import CodebookModel, CodebookModelConfig, load_base_model
     from .training import CodebookTrainer, kmeans_init_codebooks, last_complete_checkpoint
 
@@ -477,7 +477,7 @@ def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
         write_json(out / "metrics.json", metrics)
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = read_json(out / "metrics.json")
     return metrics
 
 
