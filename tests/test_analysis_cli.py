@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import transformers as T
-from tiny_models import assert_same_index, story_workload
+from tiny_models import assert_same_index, story_codebooks
 
 from codebook_features.analysis import CodeIndex
 from codebook_features.cli import main
@@ -25,10 +25,7 @@ def built(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli")
-    corpus, tok, base = story_workload(root, num_stories=40, seed=3, positions=256)
-    model = CodebookModel(base, placements=["attn_heads", "mlp_out"], num_codes=32,
-                          k=2).eval()
-    model.save_codebooks(root / "cb", base_model_name=str(root / "model"))
+    corpus, tok, model = story_codebooks(root, num_stories=40, seed=3)
     assert main(["index", str(root / "cb"), "--files", str(corpus), "--out",
                  str(root / "idx"), "--shard-tokens", "500"]) == 0
     yield {"root": root, "corpus": corpus, "tok": tok, "model": model, "index": root / "idx",

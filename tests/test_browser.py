@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from tiny_models import story_workload
+from tiny_models import story_codebooks
 
 from codebook_features.analysis import CodeIndex, build_index
 from codebook_features.io import read_json, write_json
@@ -36,9 +36,7 @@ def built(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("browser")
-    corpus, tok, base = story_workload(root, num_stories=60, seed=5, positions=256)
-    model = CodebookModel(base, placements=["attn_heads", "mlp_out"], num_codes=32, k=2).eval()
-    model.save_codebooks(root / "cb", base_model_name=str(root / "model"))
+    corpus, tok, model = story_codebooks(root, num_stories=60, seed=5)
     texts = [line for line in corpus.read_text().splitlines() if line.strip()]
     build_index(model, tok, texts, root / "idx", shard_tokens=800, batch_size=8,
                 codebooks=root / "cb")

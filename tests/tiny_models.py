@@ -93,6 +93,18 @@ def story_workload(folder, num_stories: int, seed: int, positions: int):
     return corpus, tok, model
 
 
+def story_codebooks(folder, num_stories: int, seed: int):
+    """:func:`story_workload` (256 positions) plus attention-head and MLP-output codebooks
+    (32 codes, k=2) saved to ``folder / "cb"`` on the saved base; returns (corpus path,
+    tokenizer, codebook model in eval mode)."""
+    from codebook_features.model import CodebookModel
+
+    corpus, tok, base = story_workload(folder, num_stories=num_stories, seed=seed, positions=256)
+    model = CodebookModel(base, placements=["attn_heads", "mlp_out"], num_codes=32, k=2).eval()
+    model.save_codebooks(folder / "cb", base_model_name=str(folder / "model"))
+    return corpus, tok, model
+
+
 def assert_same_index(a, b) -> None:
     """Two code-index folders hold the same meta and the same tables and arrays."""
     import numpy as np
