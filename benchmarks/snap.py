@@ -272,17 +272,21 @@ def _screen_redos() -> Iterator[list[int]]:
     from codebook_features import snap
 
     calls: list[int] = []
-    exact = snap._search_torch
+    saved = {name: getattr(snap, name) for name in ("_search_torch", "_redo")}
 
-    def spy(x, *args, **kwargs):
-        calls.append(x.shape[0])
-        return exact(x, *args, **kwargs)
+    def spy_of(exact):
+        def spy(x, *args, **kwargs):
+            calls.append(x.shape[0])
+            return exact(x, *args, **kwargs)
+        return spy
 
-    snap._search_torch = spy
+    for name, exact in saved.items():
+        setattr(snap, name, spy_of(exact))
     try:
         yield calls
     finally:
-        snap._search_torch = exact
+        for name, exact in saved.items():
+            setattr(snap, name, exact)
 
 
 def approx_rows(shape: tuple[int, ...], repeats: int) -> list[dict]:

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 SIMILARITIES = ("cosine", "inner", "euclidean")
 COMBINES = ("mean", "sum")
 BACKENDS = ("auto", "torch", "faiss", "bf16_screen", "torch_bf16")
@@ -167,9 +169,10 @@ def resolve_backend(backend: str, x: Tensor, codebook: Tensor | None = None) -> 
         return backend
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return "torch"
-    if (codebook is not None and fast_bf16_matmul() and codebook.shape[-1] >= 256
-            and codebook.shape[1] >= 4096):
-        return "bf16_screen"
+    if codebook is not None and fast_bf16_matmul():
+        dg, num_codes = codebook.shape[-1], codebook.shape[1]
+        if (kernels.available() and dg >= 64) or (dg >= 256 and num_codes >= 4096):
+            return "bf16_screen"
     if faiss_available() and _cpu_flags()[0] != "GenuineIntel":
         return "faiss"
     return "torch"
@@ -197,7 +200,12 @@ def topk_last(s: Tensor, k: int, bs: int | None) -> tuple[Tensor, Tensor]:
     (many times faster than ``max``/``topk`` with indices on CPU). At most k blocks have a max
     at or above the k-th best value, and those blocks hold all the top k, so the top-k over the
     ``k * bs`` scores of the k best blocks is the exact answer (ties aside).
+
+    On CPUs where the compiled kernel runs (:mod:`.kernels`), float32 and int16 rows go to it
+    instead (several times faster than torch's per-row ``topk``).
     """
+    if kernels.supports(s):
+        return kernels.topk_rows(s, k)
     if bs is None:
         if k == 1:
             v, i = s.max(-1, keepdim=True)
@@ -244,6 +252,9 @@ def search(x: Tensor, codebook: Tensor, k: int, similarity: str = "cosine",
     backend = resolve_backend(backend, x, codebook)
     if backend == "faiss":
         return _search_faiss(x, codebook, k, similarity, workspace)
+    if backend == "bf16_screen" and _screen_kernel_ok(x, codebook):
+        codes, scores = _search_screened_kernel(x, codebook, k, similarity, chunk_mib, workspace)
+        return SearchResult(codes, _finish_scores(scores, x, similarity))
     keys, bias = search_keys(codebook, similarity, workspace)
     if backend == "torch_bf16":
         return _search_bf16(x, keys, bias, k, similarity, chunk_mib)
@@ -451,6 +462,116 @@ def _search_screened(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, simil
         rc, rv = _search_torch(x[redo], keys, bias, k, chunk_mib)
         codes[redo], v[redo] = rc, rv
     return codes, v
+
+
+def _screen_kernel_ok(x: Tensor, codebook: Tensor) -> bool:
+    """Whether the compiled screen (:mod:`.kernels`) runs for these float32 CPU inputs."""
+    return (kernels.available() and x.device.type == "cpu" and x.dtype == torch.float32
+            and codebook.dtype == torch.float32 and codebook.device.type == "cpu")
+
+
+def _certified(v: Tensor, bound: Tensor, xn: Tensor, dx: Tensor, kmax: Tensor, dkmax: Tensor,
+               bmax: Tensor | None, dg: int, extra_ulps: int = 0) -> Tensor:
+    """Bool ``(N,)``: tokens whose k-th exact ranking score ``v[..., -1]`` beats ``bound``
+    ``(N, G)`` (every left-out code's bfloat16 score) by more than the screen's worst-case
+    error, in every group. ``xn``, ``dx``: ``|x|``, ``|x - bf16(x)|`` ``(N, G)``; ``kmax``,
+    ``dkmax``: ``max |key|``, ``max |key - bf16(key)|`` ``(G,)``; ``bmax``: ``max |bias|``
+    ``(G,)``; ``extra_ulps``: float32 roundings of the exact score beyond its dot product."""
+    err = (dx * kmax + xn * (1 + _U) * dkmax
+           + (2 * dg + extra_ulps) * _U32 * xn * kmax * (1 + _U) ** 2)
+    if bmax is not None:  # the bias and the sum are rounded to bfloat16 too
+        err = err + 3 * _U * bmax + 2 * _U * (xn * kmax + bmax)
+    return (v[..., -1] - 1.1 * err > bound + 2 * _U * bound.abs()).all(-1)
+
+
+def _search_scaled(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, k: int,
+                   chunk_mib: float) -> tuple[Tensor, Tensor]:
+    """Exact top-k of ``(x . code) * scale + bias`` (float32): codes and ranking scores
+    ``(N, G, k)``, one group and token chunk at a time. The screen's fallback for tokens it
+    cannot certify (no unit-key copy of the codebook)."""
+    n, g, dg = x.shape
+    num_codes = book.shape[1]
+    codes = torch.empty(n, g, k, dtype=torch.long)
+    scores = torch.empty(n, g, k, dtype=x.dtype)
+    rows = default_chunk(n, 1, num_codes, chunk_mib)
+    buf = torch.empty(min(n, rows) * num_codes, dtype=x.dtype)
+    bs = block_size(num_codes, k)
+    for gi in range(g):
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            s = torch.mm(x[start:end, gi], book[gi].t(), out=buf[: (end - start) * num_codes]
+                         .view(end - start, num_codes))
+            if scale is not None:
+                s.mul_(scale[gi])
+            if bias is not None:
+                s.add_(bias[gi])
+            scores[start:end, gi], codes[start:end, gi] = topk_last(s, k, bs)
+    return codes, scores
+
+
+def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str,
+                            chunk_mib: float, ws: Workspace | None = None,
+                            ) -> tuple[Tensor, Tensor]:
+    """The certified bfloat16 screen with the compiled kernels (see :func:`_search_screened`
+    for the method): per group and token chunk, a bfloat16 ``mm`` and a top-m selection on its
+    bit patterns; one compiled pass re-scores the shortlists exactly. Cosine never forms unit
+    keys in float32: exact scores are ``(x . code) / |code|``."""
+    n, g, dg = x.shape
+    num_codes = codebook.shape[1]
+    m = 2 * k + 4
+    if n == 0 or 2 * m > num_codes:
+        return _search_scaled(x, codebook, _inv_norms(codebook, similarity),
+                              _bias(codebook, similarity), k, chunk_mib)
+    book = codebook.contiguous()
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+    kbt = _scratch(ws, "kbt", (g, dg, num_codes), bf16)
+    scale, dk, kn = kernels.bf16_keys(book, similarity == "cosine", kbt)
+    bias = -0.5 * kn * kn if similarity == "euclidean" else None
+    bias_b = None if bias is None else bias.to(torch.bfloat16)
+    xbt = _scratch(ws, "xbt", (g, n, dg), bf16)
+    xbt.copy_(x.transpose(0, 1))
+    # Blocks of at most 4 MiB: measured as fast as larger ones, and lighter.
+    rows = default_chunk(n, 1, num_codes, min(chunk_mib, 4.0), 2)
+    buf = _scratch(ws, "scores_bf16", (rows * num_codes,), bf16)
+    short = torch.empty(g, n, m, dtype=torch.long)
+    top = torch.empty(g, n, m, dtype=torch.int16)
+    for gi in range(g):
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            s = buf[: (end - start) * num_codes].view(end - start, num_codes)
+            if bias_b is None:
+                torch.mm(xbt[gi, start:end], kbt[gi], out=s)
+            else:
+                torch.addmm(bias_b[gi], xbt[gi, start:end], kbt[gi], out=s)
+            kernels.topk_rows(s.view(torch.int16), m, top[gi, start:end], short[gi, start:end])
+    x = x.contiguous()
+    cos = similarity == "cosine"
+    codes, v, xn, dx = kernels.rerank(x, book, scale if cos else None, bias, short, k)
+    bound = _bf16_value(top[..., -1].int()).t()  # (N, G)
+    tol = 1 + 1e-6  # the float32 roundings of the norms
+    ok = _certified(v, bound, xn * tol, dx * tol, kn.amax(-1) * tol, dk.amax(-1) * tol,
+                    None if bias is None else bias.abs().amax(-1) * tol, dg,
+                    extra_ulps=4 if cos else 1)
+    if not bool(ok.all()):  # rare: redo the tokens the bound cannot certify exactly
+        redo = (~ok).nonzero().squeeze(-1)
+        codes[redo], v[redo] = _redo(x[redo], book, scale if cos else None, bias, k, chunk_mib)
+    return codes, v
+
+
+def _redo(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, k: int,
+          chunk_mib: float) -> tuple[Tensor, Tensor]:
+    """Exact search of the tokens the compiled screen could not certify."""
+    return _search_scaled(x, book, scale, bias, k, chunk_mib)
+
+
+def _inv_norms(codebook: Tensor, similarity: str) -> Tensor | None:
+    if similarity != "cosine":
+        return None
+    return 1 / torch.linalg.vector_norm(codebook, dim=-1).clamp_min(1e-12)
+
+
+def _bias(codebook: Tensor, similarity: str) -> Tensor | None:
+    return search_keys(codebook, similarity)[1] if similarity == "euclidean" else None
 
 
 class ApproximateIndex:

@@ -1,0 +1,194 @@
+"""A compiled per-row top-k kernel (``csrc/topm.cpp``), built on first use, with torch as the
+fallback.
+
+torch's CPU ``topk`` costs 1-3 us per row whatever the row's length, which is most of a
+codebook search's time once the similarity matmul is fast. The kernel selects with two SIMD
+passes over each row (lane maxima, then one compare pass against a threshold that at least k
+values reach; see the source's header) and sorts the few survivors.
+
+It is compiled once per source, compiler and CPU with ``$CXX`` (default ``g++``) ``-O3
+-march=native -fopenmp`` into ``$CODEBOOK_FEATURES_CACHE`` (default
+``~/.cache/codebook_features``), written atomically, and loaded with ``ctypes``: no torch
+headers, about a second. Where there is no compiler, the build fails, the CPU lacks AVX-512 or
+``CODEBOOK_FEATURES_KERNEL=0`` is set, :func:`available` is False and callers use torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "topm.cpp"
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: ``$CODEBOOK_FEATURES_CACHE`` or ``~/.cache/codebook_features``."""
+    env = os.environ.get("CODEBOOK_FEATURES_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "codebook_features"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _build_key(source: bytes) -> str:
+    """Identifies a build: the source, the compiler's version and this CPU's model and flags."""
+    try:
+        version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        pass
+    blob = b"\0".join([source, version.encode(), cpu.encode(), platform.machine().encode()])
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the kernel (if not already built) and return the shared library's path.
+
+    Raises RuntimeError with the compiler's message when the build fails."""
+    source = SOURCE.read_bytes()
+    out_dir = out_dir or cache_dir()
+    path = out_dir / f"topm-{_build_key(source)}.so"
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [_compiler(), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+           "-o", tmp, str(SOURCE)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed: {' '.join(cmd)}\n"
+                               f"{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # atomic: other processes see no or a whole library
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"building {SOURCE.name} failed: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (disabled, no compiler, failed build or no AVX-512)."""
+    if os.environ.get("CODEBOOK_FEATURES_KERNEL", "1") == "0" or platform.machine() not in (
+            "x86_64", "AMD64"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"codebook_features: top-k kernel unavailable, using torch ({e})",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    lib.cbf_simd_width.restype = ctypes.c_int
+    if lib.cbf_simd_width() < 512:  # the portable build is no faster than torch
+        return None
+    c_int = ctypes.c_int
+    for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16):
+        fn.argtypes = [_P, _I, _I, _I, c_int, _P, _P, c_int]
+    lib.cbf_bf16_keys.argtypes = [_P, _I, _I, _I, c_int, _P, _P, _P, _P, c_int]
+    lib.cbf_rerank_f32.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, c_int, c_int, _P, _P,
+                                   _P, _P, c_int]
+    for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_rerank_f32):
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether :func:`topk_rows` runs the compiled kernel here."""
+    return _lib() is not None
+
+
+_FNS = {torch.float32: "cbf_topm_f32", torch.int16: "cbf_topm_i16"}
+
+
+def supports(s: Tensor) -> bool:
+    """Whether the kernel can select over ``s`` (CPU float32 or int16, rows laid out evenly)."""
+    if s.device.type != "cpu" or s.dtype not in _FNS or s.dim() < 1 or not available():
+        return False
+    if s.shape[-1] > 2**31 - 1 or s.numel() == 0:
+        return False
+    return s.stride(-1) == 1 and (s.dim() == 1 or _row_stride(s) is not None)
+
+
+def _row_stride(s: Tensor) -> int | None:
+    """The constant distance between consecutive rows of ``s`` viewed as ``(-1, C)``."""
+    try:
+        return s.view(-1, s.shape[-1]).stride(0)
+    except RuntimeError:
+        return None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def topk_rows(s: Tensor, k: int, values: Tensor | None = None, indices: Tensor | None = None,
+              ) -> tuple[Tensor, Tensor]:
+    """The k largest values of each row of ``s`` (last axis) and their indices, best first
+    (ties: lower index first); ``s`` must pass :func:`supports`. int16 rows order as signed
+    integers (bfloat16 bit patterns: exact among non-negative values). ``values`` and
+    ``indices``, when given, are contiguous ``(..., k)`` outputs to write into."""
+    c = s.shape[-1]
+    if not 1 <= k <= c:
+        raise ValueError(f"k={k} must be between 1 and the row length {c}")
+    lead = s.shape[:-1]
+    rows = s.numel() // c
+    ld = _row_stride(s) if s.dim() > 1 else c
+    if values is None:
+        values = torch.empty(*lead, k, dtype=s.dtype)
+    if indices is None:
+        indices = torch.empty(*lead, k, dtype=torch.long)
+    assert values.is_contiguous() and indices.is_contiguous() and values.numel() == rows * k
+    getattr(_lib(), _FNS[s.dtype])(s.data_ptr(), rows, c, ld, k, indices.data_ptr(),
+                                   values.data_ptr(), torch.get_num_threads())
+    return values, indices
+
+
+def bf16_keys(book: Tensor, unit: bool, kbt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The bfloat16 screen's keys: ``key = book * scale`` (``scale = 1/|code|`` when ``unit``,
+    else 1) written transposed as bfloat16 into ``kbt`` ``(G, dg, C)``; returns ``scale``,
+    ``|key - bf16(key)|`` and ``|key|``, each ``(G, C)`` float32. ``book`` is a contiguous
+    float32 ``(G, C, dg)`` CPU tensor."""
+    g, c, dg = book.shape
+    scale, dk, kn = torch.empty(3, g, c)
+    _lib().cbf_bf16_keys(book.data_ptr(), g, c, dg, int(unit), kbt.data_ptr(), scale.data_ptr(),
+                         dk.data_ptr(), kn.data_ptr(), torch.get_num_threads())
+    return scale, dk, kn
+
+
+def rerank(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, short: Tensor,
+           k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exact float32 re-rank of shortlists ``short`` ``(G, N, m)``: the k best codes of each
+    by ``(x . code) * scale + bias``, best first, as codes and scores ``(N, G, k)``; also
+    ``|x|`` and ``|x - bf16(x)|`` ``(N, G)``. ``x`` ``(N, G, dg)`` and ``book`` ``(G, C, dg)``
+    are contiguous float32; ``scale``, ``bias`` ``(G, C)`` or None."""
+    n, g, dg = x.shape
+    m = short.shape[-1]
+    codes = torch.empty(n, g, k, dtype=torch.long)
+    scores = torch.empty(n, g, k)
+    xn, dxn = torch.empty(2, n, g)
+    _lib().cbf_rerank_f32(x.data_ptr(), book.data_ptr(), _ptr(scale), _ptr(bias),
+                          short.data_ptr(), n, g, book.shape[1], dg, m, k, codes.data_ptr(),
+                          scores.data_ptr(), xn.data_ptr(), dxn.data_ptr(),
+                          torch.get_num_threads())
+    return codes, scores, xn, dxn

@@ -1,0 +1,151 @@
+"""The compiled kernels (``codebook_features.kernels``) against naive torch formulations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codebook_features import kernels
+
+needs_kernel = pytest.mark.skipif(not kernels.available(),
+                                  reason="the compiled kernel does not run on this machine")
+
+
+def naive_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best first, ties broken by the lower index: a stable sort of the negated values."""
+    order = torch.sort(-s.long() if s.dtype == torch.int16 else -s, dim=-1, stable=True).indices
+    idx = order[..., :k]
+    return s.gather(-1, idx), idx
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16])
+@pytest.mark.parametrize("c,k", [(1000, 1), (1000, 6), (10000, 8), (10000, 20), (999, 3),
+                                 (50, 4), (300, 70), (4096, 1), (37, 37)])
+def test_topk_rows_matches_naive(dtype, c, k):
+    gen = torch.Generator().manual_seed(c + k)
+    s = torch.randn(64, c, generator=gen)
+    if dtype == torch.int16:  # bfloat16 bit patterns, as the screen passes them
+        s = s.to(torch.bfloat16).view(torch.int16)
+    v, i = kernels.topk_rows(s, k)
+    rv, ri = naive_topk(s, k)
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16])
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_topk_rows_ties_take_the_lower_index(dtype, k):
+    """Few distinct values (every row full of ties): best first, then lower index first."""
+    gen = torch.Generator().manual_seed(k)
+    s = torch.randint(-3, 4, (50, 2000), generator=gen).to(dtype)
+    v, i = kernels.topk_rows(s, k)
+    rv, ri = naive_topk(s, k)
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+@needs_kernel
+def test_topk_rows_strided_rows_and_outputs():
+    """Rows of a (G, r, C) block sliced out of a larger buffer; outputs written in place."""
+    big = torch.randn(3, 40, 1500)
+    s = big[:, 5:25]  # row stride 1500 within a group, groups 60000 apart: not one view
+    assert not kernels.supports(s)
+    s = big[1, 5:25]  # evenly spaced rows
+    assert kernels.supports(s)
+    vals = torch.empty(20, 5)
+    idx = torch.empty(20, 5, dtype=torch.long)
+    kernels.topk_rows(s, 5, vals, idx)
+    rv, ri = naive_topk(s, 5)
+    assert torch.equal(vals, rv) and torch.equal(idx, ri)
+    with pytest.raises(ValueError, match="between 1 and the row length"):
+        kernels.topk_rows(s, 1501)
+
+
+@needs_kernel
+def test_bf16_keys_matches_torch():
+    gen = torch.Generator().manual_seed(1)
+    book = torch.randn(3, 500, 48, generator=gen) * 3
+    for unit in (True, False):
+        kbt = torch.empty(3, 48, 500, dtype=torch.bfloat16)
+        scale, dk, kn = kernels.bf16_keys(book, unit, kbt)
+        keys = book / book.norm(dim=-1, keepdim=True) if unit else book
+        want = keys.to(torch.bfloat16)
+        # bfloat16 rounding of (book * scale): equal, or one bfloat16 ulp off where the float32
+        # product and torch's quotient straddle a rounding boundary.
+        diff = (kbt.transpose(1, 2).float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2**-7).all()
+        assert (diff == 0).float().mean() > 0.99
+        torch.testing.assert_close(scale, 1 / book.norm(dim=-1) if unit else torch.ones(3, 500))
+        kd = (book * scale.unsqueeze(-1)).double()  # float32 keys, as the kernel forms them
+        torch.testing.assert_close(kn.double(), kd.norm(dim=-1), rtol=1e-6, atol=0)
+        kb = kbt.transpose(1, 2).double()
+        torch.testing.assert_close(dk.double(), (kd - kb).norm(dim=-1), rtol=1e-5, atol=1e-9)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scaled,biased", [(True, False), (False, False), (False, True)])
+def test_rerank_matches_naive(scaled, biased):
+    gen = torch.Generator().manual_seed(2)
+    n, g, c, dg, m, k = 200, 3, 400, 40, 9, 4
+    x = torch.randn(n, g, dg, generator=gen)
+    book = torch.randn(g, c, dg, generator=gen)
+    short = torch.stack([torch.randperm(c, generator=gen)[:m] for _ in range(g * n)])
+    short = short.view(g, n, m)
+    scale = torch.rand(g, c, generator=gen) + 0.5 if scaled else None
+    bias = torch.randn(g, c, generator=gen) if biased else None
+    codes, scores, xn, dx = kernels.rerank(x, book, scale, bias, short, k)
+    # Naive: float64 scores of every shortlisted code, top-k.
+    sh = short.transpose(0, 1)  # (N, G, m)
+    cand = book.double()[torch.arange(g).view(1, g, 1), sh]  # (N, G, m, dg)
+    s = torch.einsum("ngd,ngmd->ngm", x.double(), cand)
+    if scale is not None:
+        s = s * scale.double()[torch.arange(g).view(1, g, 1), sh]
+    if bias is not None:
+        s = s + bias.double()[torch.arange(g).view(1, g, 1), sh]
+    v, j = s.topk(k, -1)
+    assert torch.equal(codes, sh.gather(-1, j))
+    torch.testing.assert_close(scores.double(), v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xn, x.norm(dim=-1))
+    torch.testing.assert_close(dx, (x - x.to(torch.bfloat16).float()).norm(dim=-1))
+
+
+def test_failed_build_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(RuntimeError, match="building topm.cpp failed"):
+        kernels.build(tmp_path)
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written is left
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("CODEBOOK_FEATURES_KERNEL", "0")
+    kernels._lib.cache_clear()
+    try:
+        assert not kernels.available()
+        assert not kernels.supports(torch.zeros(4, 8))
+    finally:
+        monkeypatch.delenv("CODEBOOK_FEATURES_KERNEL")
+        kernels._lib.cache_clear()
+
+
+@needs_kernel
+def test_build_is_cached_and_atomic(tmp_path):
+    path = kernels.build(tmp_path)
+    assert path.exists() and path.parent == tmp_path
+    mtime = path.stat().st_mtime_ns
+    assert kernels.build(tmp_path) == path and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporaries left
+
+
+@needs_kernel
+def test_search_with_kernel_equals_torch_only(monkeypatch):
+    """The float32 torch search selects with the kernel; its codes equal the torch top-k's."""
+    from codebook_features import snap
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 2, 32, generator=gen)
+    book = F.normalize(torch.randn(2, 1000, 32, generator=gen), dim=-1)
+    fast = snap.search(x, book, 3, "inner", chunk_mib=0.1, backend="torch")
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    slow = snap.search(x, book, 3, "inner", chunk_mib=0.1, backend="torch")
+    assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scores, slow.scores)
