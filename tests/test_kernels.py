@@ -149,3 +149,19 @@ def test_search_with_kernel_equals_torch_only(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: False)
     slow = snap.search(x, book, 3, "inner", chunk_mib=0.1, backend="torch")
     assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scores, slow.scores)
+
+
+@needs_kernel
+def test_rows_split_over_threads_give_the_same_answer():
+    gen = torch.Generator().manual_seed(6)
+    s = torch.randn(1001, 700, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.topk_rows(s, 5)
+        torch.set_num_threads(3)  # three parts: two on the pool, one here
+        three = kernels.topk_rows(s, 5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    assert torch.equal(one[1], naive_topk(s, 5)[1])

@@ -6,8 +6,9 @@ codebook search's time once the similarity matmul is fast. The kernel selects wi
 passes over each row (lane maxima, then one compare pass against a threshold that at least k
 values reach; see the source's header) and sorts the few survivors.
 
-It is compiled once per source, compiler and CPU with ``$CXX`` (default ``g++``) ``-O3
--march=native -fopenmp`` into ``$CODEBOOK_FEATURES_CACHE`` (default
+Rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL; no OpenMP
+runtime of its own). It is compiled once per source, compiler and CPU with ``$CXX`` (default
+``g++``) ``-O3 -march=native`` into ``$CODEBOOK_FEATURES_CACHE`` (default
 ``~/.cache/codebook_features``), written atomically, and loaded with ``ctypes``: no torch
 headers, about a second. Where there is no compiler, the build fails, the CPU lacks AVX-512 or
 ``CODEBOOK_FEATURES_KERNEL=0`` is set, :func:`available` is False and callers use torch.
@@ -23,6 +24,8 @@ import platform
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,7 +74,7 @@ def build(out_dir: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [_compiler(), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+    cmd = [_compiler(), "-O3", "-march=native", "-shared", "-fPIC",
            "-o", tmp, str(SOURCE)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -104,13 +107,35 @@ def _lib() -> ctypes.CDLL | None:
         return None
     c_int = ctypes.c_int
     for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16):
-        fn.argtypes = [_P, _I, _I, _I, c_int, _P, _P, c_int]
-    lib.cbf_bf16_keys.argtypes = [_P, _I, _I, _I, c_int, _P, _P, _P, _P, c_int]
-    lib.cbf_rerank_f32.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, c_int, c_int, _P, _P,
-                                   _P, _P, c_int]
+        fn.argtypes = [_P, _I, _I, _I, _I, c_int, _P, _P]
+    lib.cbf_bf16_keys.argtypes = [_P, _I, _I, _I, _I, c_int, _P, _P, _P, _P]
+    lib.cbf_rerank_f32.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, c_int, c_int,
+                                   _P, _P, _P, _P]
     for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_rerank_f32):
         fn.restype = None
     return lib
+
+
+_pool: list = [None, 0, 0]  # executor, its size, the process that made it
+
+
+def _parallel(call: Callable[[int, int], None], total: int, min_rows: int = 64) -> None:
+    """Run ``call(r0, r1)`` over ``[0, total)`` split into ``torch.get_num_threads()`` parts
+    (ctypes releases the GIL, so the parts run at once); one part runs in this thread."""
+    threads = torch.get_num_threads()
+    parts = min(threads, max(1, total // min_rows))
+    if parts <= 1:
+        call(0, total)
+        return
+    pool, size, pid = _pool
+    if pool is None or size != parts - 1 or pid != os.getpid():  # none, resized or forked
+        pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="cbf-kernel")
+        _pool[:] = [pool, parts - 1, os.getpid()]
+    bounds = [total * i // parts for i in range(parts + 1)]
+    futures = [pool.submit(call, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
+    call(0, bounds[1])
+    for f in futures:
+        f.result()
 
 
 def available() -> bool:
@@ -159,8 +184,9 @@ def topk_rows(s: Tensor, k: int, values: Tensor | None = None, indices: Tensor |
     if indices is None:
         indices = torch.empty(*lead, k, dtype=torch.long)
     assert values.is_contiguous() and indices.is_contiguous() and values.numel() == rows * k
-    getattr(_lib(), _FNS[s.dtype])(s.data_ptr(), rows, c, ld, k, indices.data_ptr(),
-                                   values.data_ptr(), torch.get_num_threads())
+    fn = getattr(_lib(), _FNS[s.dtype])
+    sp, ip, vp = s.data_ptr(), indices.data_ptr(), values.data_ptr()
+    _parallel(lambda r0, r1: fn(sp, r0, r1, c, ld, k, ip, vp), rows)
     return values, indices
 
 
@@ -171,8 +197,9 @@ def bf16_keys(book: Tensor, unit: bool, kbt: Tensor) -> tuple[Tensor, Tensor, Te
     float32 ``(G, C, dg)`` CPU tensor."""
     g, c, dg = book.shape
     scale, dk, kn = torch.empty(3, g, c)
-    _lib().cbf_bf16_keys(book.data_ptr(), g, c, dg, int(unit), kbt.data_ptr(), scale.data_ptr(),
-                         dk.data_ptr(), kn.data_ptr(), torch.get_num_threads())
+    ptrs = [t.data_ptr() for t in (book, kbt, scale, dk, kn)]
+    _parallel(lambda r0, r1: _lib().cbf_bf16_keys(ptrs[0], r0, r1, c, dg, int(unit), *ptrs[1:]),
+              g * c)
     return scale, dk, kn
 
 
@@ -187,8 +214,8 @@ def rerank(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, s
     codes = torch.empty(n, g, k, dtype=torch.long)
     scores = torch.empty(n, g, k)
     xn, dxn = torch.empty(2, n, g)
-    _lib().cbf_rerank_f32(x.data_ptr(), book.data_ptr(), _ptr(scale), _ptr(bias),
-                          short.data_ptr(), n, g, book.shape[1], dg, m, k, codes.data_ptr(),
-                          scores.data_ptr(), xn.data_ptr(), dxn.data_ptr(),
-                          torch.get_num_threads())
+    head = (x.data_ptr(), book.data_ptr(), _ptr(scale), _ptr(bias), short.data_ptr())
+    tail = (n, g, book.shape[1], dg, m, k, codes.data_ptr(), scores.data_ptr(), xn.data_ptr(),
+            dxn.data_ptr())
+    _parallel(lambda r0, r1: _lib().cbf_rerank_f32(*head, r0, r1, *tail), g * n)
     return codes, scores, xn, dxn

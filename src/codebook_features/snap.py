@@ -705,7 +705,7 @@ class _SnapCombine(torch.autograd.Function):
             y = F.embedding_bag(flat, book, mode="sum" if weights == 1.0 else "mean")
             w = weights
         y = y.view(n, g, dg)
-        ctx.save_for_backward(x, y, flat, *([w] if isinstance(w, Tensor) else []))
+        ctx.save_for_backward(x, y, flat, codebook, *([w] if isinstance(w, Tensor) else []))
         ctx.scalar_w = None if isinstance(w, Tensor) else float(w)
         ctx.mse_coeff = mse_coeff
         ctx.codebook_shape = codebook.shape
@@ -713,9 +713,12 @@ class _SnapCombine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, y, flat, *w = ctx.saved_tensors
+        x, y, flat, codebook, *w = ctx.saved_tensors
         grad_codebook = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and flat.shape[1] == 1 and not w:
+            grad_codebook = _single_code_grad(x, grad_y, flat.view(-1), codebook,
+                                              ctx.scalar_w, ctx.mse_coeff)
+        elif ctx.needs_input_grad[1]:
             g_c, c, dg = ctx.codebook_shape
             scale = 1.0 if w else ctx.scalar_w  # tensor weights are applied per slot
             if ctx.mse_coeff:  # one temporary: ((y - x) * coeff + grad_y) * scale
@@ -726,17 +729,31 @@ class _SnapCombine(torch.autograd.Function):
                 row = grad_y * scale if scale != 1.0 else grad_y
             row = row.reshape(-1, dg)
             grad_codebook = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
-            if flat.shape[1] == 1 and not w:
-                grad_codebook.index_add_(0, flat.view(-1), row)
-            else:
-                # One index_add_ per slot: never expands the rows to (N*G*K, dg).
-                slots = flat.t().contiguous()
-                for j in range(slots.shape[0]):
-                    src = row * w[0][:, j : j + 1] if w else row
-                    grad_codebook.index_add_(0, slots[j], src)
+            # One index_add_ per slot: never expands the rows to (N*G*K, dg).
+            slots = flat.t().contiguous()
+            for j in range(slots.shape[0]):
+                src = row * w[0][:, j : j + 1] if w else row
+                grad_codebook.index_add_(0, slots[j], src)
             grad_codebook = grad_codebook.view(g_c, c, dg)
         grad_x = grad_y if ctx.needs_input_grad[0] else None
         return grad_x, grad_codebook, None, None, None
+
+
+def _single_code_grad(x: Tensor, grad_y: Tensor, idx: Tensor, codebook: Tensor, w: float,
+                      mse_coeff: float) -> Tensor:
+    """The codebook gradient when every token has one code (k = 1) of weight ``w``, with no
+    ``(N, d)`` temporary: code c gets ``w * sum_(tokens of c) (grad_y + a (y - x))`` with
+    ``a = 2 * mse_coeff / numel``, and since every such ``y`` is ``w * code``, the ``y`` sum is
+    ``count_c * w * code``: two ``index_add_`` passes and one over the codebook."""
+    g_c, c, dg = codebook.shape
+    grad = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
+    grad.index_add_(0, idx, grad_y.reshape(-1, dg), alpha=w)
+    if mse_coeff:
+        a = 2.0 * mse_coeff / x.numel()
+        grad.index_add_(0, idx, x.reshape(-1, dg), alpha=-a * w)
+        counts = torch.bincount(idx, minlength=g_c * c).to(grad.dtype).unsqueeze(-1)
+        grad.addcmul_(counts, codebook.reshape(-1, dg), value=a * w * w)
+    return grad.view(g_c, c, dg)
 
 
 def snap_combine(x: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor | float,

@@ -7,7 +7,8 @@
 // (2) thr = the m-th largest lane maximum: the lanes are disjoint, so at least m values are
 // >= thr, and thr is <= the row's m-th largest value; (3) one SIMD compare pass collects every
 // value >= thr (usually a few more than m); (4) the m best of those, sorted. Rows too short
-// for lanes, or m too large, are selected directly. Rows run in parallel (OpenMP).
+// for lanes, or m too large, are selected directly. Every entry point works on rows
+// [r0, r1), so that the caller can split the rows over threads (no OpenMP runtime here).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -212,15 +213,15 @@ void row_topm(const typename S::T* row, int64_t c, int m, Scratch<S>& sc, int64_
 }
 
 template <class S>
-void topm(const typename S::T* s, int64_t rows, int64_t c, int64_t ld, int m, int64_t* idx,
-          typename S::T* val, int threads) {
-#pragma omp parallel num_threads(threads)
-  {
-    Scratch<S> sc;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) row_topm<S>(s + r * ld, c, m, sc, idx + r * m, val + r * m);
-  }
+void topm(const typename S::T* s, int64_t r0, int64_t r1, int64_t c, int64_t ld, int m,
+          int64_t* idx, typename S::T* val) {
+  Scratch<S> sc;
+  for (int64_t r = r0; r < r1; ++r) row_topm<S>(s + r * ld, c, m, sc, idx + r * m, val + r * m);
 }
+
+}  // namespace
+
+namespace {
 
 float dot(const float* a, const float* b, int64_t n) {
 #if CBF_AVX512
@@ -255,10 +256,9 @@ extern "C" {
 // The screen's bfloat16 keys: key = book[g, c] * scale[g, c] with scale = 1 / |book[g, c]|
 // (unit, for cosine) or 1, written transposed as bfloat16 bits into kbt (G, dg, C), with
 // scale, |key - bf16(key)| (dk) and |key| (kn), all (G, C), for the certificate.
-void cbf_bf16_keys(const float* book, int64_t g, int64_t c, int64_t dg, int unit,
-                   uint16_t* kbt, float* scale, float* dk, float* kn, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < g * c; ++r) {
+void cbf_bf16_keys(const float* book, int64_t r0, int64_t r1, int64_t c, int64_t dg, int unit,
+                   uint16_t* kbt, float* scale, float* dk, float* kn) {
+  for (int64_t r = r0; r < r1; ++r) {
     const int64_t gi = r / c, ci = r % c;
     const float* row = book + r * dg;
     double nn = 0;
@@ -287,15 +287,13 @@ void cbf_bf16_keys(const float* book, int64_t g, int64_t c, int64_t dg, int unit
 // (N, G, k). Also |x[n, g]| and |x[n, g] - bf16(x[n, g])| into xnorm, dxnorm (N, G), for
 // the screen's certificate.
 void cbf_rerank_f32(const float* x, const float* book, const float* scale, const float* bias,
-                    const int64_t* shortl, int64_t n, int64_t g, int64_t c, int64_t dg, int m,
-                    int k, int64_t* codes, float* scores, float* xnorm, float* dxnorm,
-                    int threads) {
-#pragma omp parallel num_threads(threads)
+                    const int64_t* shortl, int64_t r0, int64_t r1, int64_t n, int64_t g,
+                    int64_t c, int64_t dg, int m, int k, int64_t* codes, float* scores,
+                    float* xnorm, float* dxnorm) {
   {
     std::vector<float> sc(m);
     std::vector<int> order(m);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < g * n; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t gi = r / n, o = (r % n) * g + gi;  // o: the (N, G) row
       const float* xr = x + o * dg;
       const int64_t* cand = shortl + r * m;
@@ -328,12 +326,12 @@ void cbf_rerank_f32(const float* x, const float* book, const float* scale, const
 }
 
 int cbf_simd_width() { return CBF_AVX512 ? 512 : 0; }
-void cbf_topm_f32(const float* s, int64_t rows, int64_t c, int64_t ld, int m, int64_t* idx,
-                  float* val, int threads) {
-  topm<F32>(s, rows, c, ld, m, idx, val, threads);
+void cbf_topm_f32(const float* s, int64_t r0, int64_t r1, int64_t c, int64_t ld, int m,
+                  int64_t* idx, float* val) {
+  topm<F32>(s, r0, r1, c, ld, m, idx, val);
 }
-void cbf_topm_i16(const int16_t* s, int64_t rows, int64_t c, int64_t ld, int m, int64_t* idx,
-                  int16_t* val, int threads) {
-  topm<I16>(s, rows, c, ld, m, idx, val, threads);
+void cbf_topm_i16(const int16_t* s, int64_t r0, int64_t r1, int64_t c, int64_t ld, int m,
+                  int64_t* idx, int16_t* val) {
+  topm<I16>(s, r0, r1, c, ld, m, idx, val);
 }
 }
