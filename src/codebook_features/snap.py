@@ -10,16 +10,18 @@ Search backends (``search(..., backend=)``), all exact unless named otherwise:
   CPU we measured its sgemm beat torch's; on the Intel one its flat search took 1.3-6x
   torch's similarity matmul.
 * ``torch``: token chunks whose score block is bounded by ``chunk_mib``; one ``bmm`` per
-  chunk into a reused buffer, then an exact *block-max* top-k (see :func:`topk_last`). Any
+  chunk into a reused buffer, then an exact top-k per row: the compiled kernel
+  (:mod:`.kernels`) where it runs, else a *block-max* top-k (see :func:`topk_last`). Any
   device and dtype; no host sync.
 * ``bf16_screen``: exact, for float32 CPU inputs on CPUs that multiply bfloat16 in hardware
-  (AMX): a bfloat16 ``bmm`` shortlists ``2k + 4`` codes per token, the shortlist is scored
+  (AMX): a bfloat16 matmul shortlists ``2k + 4`` codes per token, the shortlist is scored
   exactly, and a rigorous rounding-error bound certifies per token that no other code can
   beat the k-th; the few tokens it cannot certify are searched again exactly (see
-  :func:`_search_screened`).
+  :func:`_search_screened`; with the compiled kernel, :func:`_search_screened_kernel`).
 * ``auto`` (default): for float32 CPU inputs, ``bf16_screen`` where it is measured faster
-  (AMX, groups at least 256 wide, at least 4096 codes), else ``torch`` on Intel CPUs and
-  ``faiss`` on others (when installed); ``torch`` for everything else (GPU, float64).
+  (AMX, and groups at least 64 wide with the kernel, else at least 256 wide and 4096 codes),
+  else ``torch`` on Intel CPUs and ``faiss`` on others (when installed); ``torch`` for
+  everything else (GPU, float64).
 * ``torch_bf16``: an *approximate* variant of ``torch``: the similarity in bfloat16, a
   shortlist of ``max(2k, k + 8)`` codes per token re-ranked exactly in the input's dtype.
   Scores of the returned codes are exact; the codes agree with exact search on almost every
