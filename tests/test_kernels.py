@@ -84,30 +84,64 @@ def test_bf16_keys_matches_torch():
 
 
 @needs_kernel
-@pytest.mark.parametrize("scaled,biased", [(True, False), (False, False), (False, True)])
-def test_rerank_matches_naive(scaled, biased):
-    gen = torch.Generator().manual_seed(2)
-    n, g, c, dg, m, k = 200, 3, 400, 40, 9, 4
+@pytest.mark.parametrize("similarity", ["cosine", "inner", "euclidean"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_screen_rows_certified_codes_are_exact(similarity, k):
+    """One block of the compiled screen: every token it certifies has the float64 top-k (up
+    to float32 near-ties) and its exact ranking score; ~all tokens are certified here."""
+    gen = torch.Generator().manual_seed(k)
+    n, g, c, dg = 300, 2, 700, 64
+    # Short codes, so that the k best ranking scores are positive for every similarity (the
+    # Euclidean bias -|c|^2/2 is small): the screen cannot certify negative ones.
+    book = 0.1 * torch.randn(g, c, dg, generator=gen)
     x = torch.randn(n, g, dg, generator=gen)
-    book = torch.randn(g, c, dg, generator=gen)
-    short = torch.stack([torch.randperm(c, generator=gen)[:m] for _ in range(g * n)])
-    short = short.view(g, n, m)
-    scale = torch.rand(g, c, generator=gen) + 0.5 if scaled else None
-    bias = torch.randn(g, c, generator=gen) if biased else None
-    codes, scores, xn, dx = kernels.rerank(x, book, scale, bias, short, k)
-    # Naive: float64 scores of every shortlisted code, top-k.
-    sh = short.transpose(0, 1)  # (N, G, m)
-    cand = book.double()[torch.arange(g).view(1, g, 1), sh]  # (N, G, m, dg)
-    s = torch.einsum("ngd,ngmd->ngm", x.double(), cand)
-    if scale is not None:
-        s = s * scale.double()[torch.arange(g).view(1, g, 1), sh]
+    kbt = torch.empty(g, dg, c, dtype=torch.bfloat16)
+    scale, dk, kn = kernels.bf16_keys(book, similarity == "cosine", kbt)
+    bias = -0.5 * kn * kn if similarity == "euclidean" else None
+    codes = torch.full((n, g, k), -1, dtype=torch.long)
+    scores = torch.empty(n, g, k)
+    ok = torch.zeros(n, g, dtype=torch.uint8)
+    for gi in range(g):
+        s = x[:, gi].to(torch.bfloat16) @ kbt[gi]
+        if bias is not None:
+            s = s + bias[gi].to(torch.bfloat16)
+        kernels.screen_rows(s.view(torch.int16), 0, gi, x, book,
+                            scale if similarity == "cosine" else None, bias, k,
+                            float(kn[gi].max()) * 1.01, float(dk[gi].max()) * 1.01,
+                            None if bias is None else float(bias[gi].abs().max()) * 1.01,
+                            4, codes, scores, ok)
+    assert ok.float().mean() > 0.97
+    keys = book.double() * scale.double().unsqueeze(-1) if similarity == "cosine" else book
+    exact = torch.einsum("ngd,gcd->ngc", x.double(), keys.double())
     if bias is not None:
-        s = s + bias.double()[torch.arange(g).view(1, g, 1), sh]
-    v, j = s.topk(k, -1)
-    assert torch.equal(codes, sh.gather(-1, j))
-    torch.testing.assert_close(scores.double(), v, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(xn, x.norm(dim=-1))
-    torch.testing.assert_close(dx, (x - x.to(torch.bfloat16).float()).norm(dim=-1))
+        exact = exact + bias.double()
+    ref_v, ref_i = exact.topk(k, -1)
+    good = ok.bool()
+    got = exact.gather(-1, codes.clamp_min(0))
+    torch.testing.assert_close(got[good], ref_v[good], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.double()[good], ref_v[good], rtol=1e-5, atol=1e-5)
+    same = (codes.sort(-1).values == ref_i.sort(-1).values).all(-1)[good].float().mean()
+    assert same > 0.999
+
+
+@needs_kernel
+def test_screen_window_overflow_is_redone(monkeypatch):
+    """More near-equal codes than the screen's exact window holds (256): those tokens are
+    handed back to exact search, and the answer is exact."""
+    from codebook_features import snap
+
+    calls: list[int] = []
+    redo = snap._redo
+    monkeypatch.setattr(snap, "_redo", lambda x, *a: calls.append(len(x)) or redo(x, *a))
+    gen = torch.Generator().manual_seed(8)
+    centre = torch.randn(1, 1, 64, generator=gen)
+    book = torch.cat([centre + 1e-5 * torch.randn(1, 600, 64, generator=gen),
+                      torch.randn(1, 400, 64, generator=gen)], 1)
+    x = centre.expand(50, 1, 64) + 1e-3 * torch.randn(50, 1, 64, generator=gen)
+    res = snap.search(x, book, 2, "cosine", backend="bf16_screen")
+    assert sum(calls) == 50
+    ref = snap.search(x, book, 2, "cosine", backend="torch")
+    torch.testing.assert_close(res.scores, ref.scores, rtol=1e-6, atol=1e-6)
 
 
 def test_failed_build_is_one_clear_error(tmp_path, monkeypatch):

@@ -109,9 +109,10 @@ def _lib() -> ctypes.CDLL | None:
     for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16):
         fn.argtypes = [_P, _I, _I, _I, _I, c_int, _P, _P]
     lib.cbf_bf16_keys.argtypes = [_P, _I, _I, _I, _I, c_int, _P, _P, _P, _P]
-    lib.cbf_rerank_f32.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, c_int, c_int,
-                                   _P, _P, _P, _P]
-    for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_rerank_f32):
+    f32 = ctypes.c_float
+    lib.cbf_screen_rows.argtypes = [_P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, c_int,
+                                    f32, f32, f32, c_int, _P, _P, _P]
+    for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_screen_rows):
         fn.restype = None
     return lib
 
@@ -203,19 +204,20 @@ def bf16_keys(book: Tensor, unit: bool, kbt: Tensor) -> tuple[Tensor, Tensor, Te
     return scale, dk, kn
 
 
-def rerank(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, short: Tensor,
-           k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Exact float32 re-rank of shortlists ``short`` ``(G, N, m)``: the k best codes of each
-    by ``(x . code) * scale + bias``, best first, as codes and scores ``(N, G, k)``; also
-    ``|x|`` and ``|x - bf16(x)|`` ``(N, G)``. ``x`` ``(N, G, dg)`` and ``book`` ``(G, C, dg)``
-    are contiguous float32; ``scale``, ``bias`` ``(G, C)`` or None."""
-    n, g, dg = x.shape
-    m = short.shape[-1]
-    codes = torch.empty(n, g, k, dtype=torch.long)
-    scores = torch.empty(n, g, k)
-    xn, dxn = torch.empty(2, n, g)
-    head = (x.data_ptr(), book.data_ptr(), _ptr(scale), _ptr(bias), short.data_ptr())
-    tail = (n, g, book.shape[1], dg, m, k, codes.data_ptr(), scores.data_ptr(), xn.data_ptr(),
-            dxn.data_ptr())
-    _parallel(lambda r0, r1: _lib().cbf_rerank_f32(*head, r0, r1, *tail), g * n)
-    return codes, scores, xn, dxn
+def screen_rows(s: Tensor, n0: int, group: int, x: Tensor, book: Tensor, scale: Tensor | None,
+                bias: Tensor | None, k: int, kmax: float, dkmax: float, bmax: float | None,
+                extra_ulps: int, codes: Tensor, scores: Tensor, ok: Tensor) -> None:
+    """The certified screen on one block of bfloat16 scores ``s`` ``(rows, C)`` (int16 bits)
+    of tokens ``n0 ..`` in ``group``: see ``cbf_screen_rows`` in the source. Writes the exact
+    top-k ``codes`` and ranking ``scores`` ``(N, G, k)`` and ``ok`` ``(N, G)`` uint8 (1 where
+    certified). ``x`` ``(N, G, dg)``, ``book`` ``(G, C, dg)`` contiguous float32; ``scale``,
+    ``bias`` ``(G, C)`` or None; ``kmax``, ``dkmax``, ``bmax``: the group's max key norm, key
+    rounding error and |bias| (None: no bias)."""
+    rows, c = s.shape
+    ld = _row_stride(s)
+    g, dg = x.shape[1], x.shape[2]
+    head = (s.data_ptr(),)
+    tail = (ld, c, n0, group, x.data_ptr(), g, dg, book.data_ptr(), _ptr(scale), _ptr(bias), k,
+            kmax, dkmax, -1.0 if bmax is None else bmax, extra_ulps, codes.data_ptr(),
+            scores.data_ptr(), ok.data_ptr())
+    _parallel(lambda r0, r1: _lib().cbf_screen_rows(*head, r0, r1, *tail), rows)

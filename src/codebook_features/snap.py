@@ -19,7 +19,7 @@ Search backends (``search(..., backend=)``), all exact unless named otherwise:
   beat the k-th; the few tokens it cannot certify are searched again exactly (see
   :func:`_search_screened`; with the compiled kernel, :func:`_search_screened_kernel`).
 * ``auto`` (default): for float32 CPU inputs, ``bf16_screen`` where it is measured faster
-  (AMX, and groups at least 64 wide with the kernel, else at least 256 wide and 4096 codes),
+  (AMX, and groups at least 32 wide with the kernel, else at least 256 wide and 4096 codes),
   else ``torch`` on Intel CPUs and ``faiss`` on others (when installed); ``torch`` for
   everything else (GPU, float64).
 * ``torch_bf16``: an *approximate* variant of ``torch``: the similarity in bfloat16, a
@@ -173,7 +173,7 @@ def resolve_backend(backend: str, x: Tensor, codebook: Tensor | None = None) -> 
         return "torch"
     if codebook is not None and fast_bf16_matmul():
         dg, num_codes = codebook.shape[-1], codebook.shape[1]
-        if (kernels.available() and dg >= 64) or (dg >= 256 and num_codes >= 4096):
+        if (kernels.available() and dg >= 32) or (dg >= 256 and num_codes >= 4096):
             return "bf16_screen"
     if faiss_available() and _cpu_flags()[0] != "GenuineIntel":
         return "faiss"
@@ -514,14 +514,15 @@ def _search_scaled(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor |
 def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str,
                             chunk_mib: float, ws: Workspace | None = None,
                             ) -> tuple[Tensor, Tensor]:
-    """The certified bfloat16 screen with the compiled kernels (see :func:`_search_screened`
-    for the method): per group and token chunk, a bfloat16 ``mm`` and a top-m selection on its
-    bit patterns; one compiled pass re-scores the shortlists exactly. Cosine never forms unit
-    keys in float32: exact scores are ``(x . code) / |code|``."""
+    """The certified bfloat16 screen with the compiled kernel (the bound of
+    :func:`_search_screened`): per group and token block a bfloat16 ``mm``, then per token one
+    compiled pass that finds the k-th best screen score, re-scores exactly every code within
+    twice the token's error bound of it (usually k plus a few: the shortlist adapts to how
+    close the scores are) and certifies the result. Cosine never forms unit keys in float32:
+    exact scores are ``(x . code) / |code|``."""
     n, g, dg = x.shape
     num_codes = codebook.shape[1]
-    m = 2 * k + 4
-    if n == 0 or 2 * m > num_codes:
+    if n == 0 or 4 * k > num_codes:
         return _search_scaled(x, codebook, _inv_norms(codebook, similarity),
                               _bias(codebook, similarity), k, chunk_mib)
     book = codebook.contiguous()
@@ -535,8 +536,15 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
     # Blocks of at most 4 MiB: measured as fast as larger ones, and lighter.
     rows = default_chunk(n, 1, num_codes, min(chunk_mib, 4.0), 2)
     buf = _scratch(ws, "scores_bf16", (rows * num_codes,), bf16)
-    short = torch.empty(g, n, m, dtype=torch.long)
-    top = torch.empty(g, n, m, dtype=torch.int16)
+    x = x.contiguous()
+    cos = similarity == "cosine"
+    scale_or_none = scale if cos else None
+    codes = torch.empty(n, g, k, dtype=torch.long)
+    v = torch.empty(n, g, k)
+    ok = torch.empty(n, g, dtype=torch.uint8)
+    tol = 1 + 1e-6  # the float32 roundings of the norms
+    kmax, dkmax = (kn.amax(-1) * tol).tolist(), (dk.amax(-1) * tol).tolist()
+    bmax = [None] * g if bias is None else (bias.abs().amax(-1) * tol).tolist()
     for gi in range(g):
         for start in range(0, n, rows):
             end = min(n, start + rows)
@@ -545,18 +553,12 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
                 torch.mm(xbt[gi, start:end], kbt[gi], out=s)
             else:
                 torch.addmm(bias_b[gi], xbt[gi, start:end], kbt[gi], out=s)
-            kernels.topk_rows(s.view(torch.int16), m, top[gi, start:end], short[gi, start:end])
-    x = x.contiguous()
-    cos = similarity == "cosine"
-    codes, v, xn, dx = kernels.rerank(x, book, scale if cos else None, bias, short, k)
-    bound = _bf16_value(top[..., -1].int()).t()  # (N, G)
-    tol = 1 + 1e-6  # the float32 roundings of the norms
-    ok = _certified(v, bound, xn * tol, dx * tol, kn.amax(-1) * tol, dk.amax(-1) * tol,
-                    None if bias is None else bias.abs().amax(-1) * tol, dg,
-                    extra_ulps=4 if cos else 1)
-    if not bool(ok.all()):  # rare: redo the tokens the bound cannot certify exactly
-        redo = (~ok).nonzero().squeeze(-1)
-        codes[redo], v[redo] = _redo(x[redo], book, scale if cos else None, bias, k, chunk_mib)
+            kernels.screen_rows(s.view(torch.int16), start, gi, x, book, scale_or_none, bias, k,
+                                kmax[gi], dkmax[gi], bmax[gi], 4 if cos else 1, codes, v, ok)
+    certified = ok.bool().all(-1)
+    if not bool(certified.all()):  # rare: redo the tokens the bound cannot certify exactly
+        redo = (~certified).nonzero().squeeze(-1)
+        codes[redo], v[redo] = _redo(x[redo], book, scale_or_none, bias, k, chunk_mib)
     return codes, v
 
 

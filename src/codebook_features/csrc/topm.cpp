@@ -10,6 +10,7 @@
 // for lanes, or m too large, are selected directly. Every entry point works on rows
 // [r0, r1), so that the caller can split the rows over threads (no OpenMP runtime here).
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -34,6 +35,7 @@ struct F32 {
   static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
   static uint64_t ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
   static uint64_t gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static uint64_t eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static V blend(uint64_t k, V a, V b) { return _mm512_mask_mov_ps(a, __mmask16(k), b); }
   // Vector counters per lane (which vector a lane's best came from).
   static __m512i iters(int64_t i) { return _mm512_set1_epi32(int32_t(i)); }
@@ -55,6 +57,7 @@ struct I16 {
   static void store(T* p, V v) { _mm512_storeu_si512(p, v); }
   static uint64_t ge(V a, V b) { return _mm512_cmpge_epi16_mask(a, b); }
   static uint64_t gt(V a, V b) { return _mm512_cmpgt_epi16_mask(a, b); }
+  static uint64_t eq(V a, V b) { return _mm512_cmpeq_epi16_mask(a, b); }
   static V blend(uint64_t k, V a, V b) { return _mm512_mask_mov_epi16(a, __mmask32(k), b); }
   static __m512i iters(int64_t i) { return _mm512_set1_epi16(int16_t(i)); }
   static __m512i pick(uint64_t k, __m512i a, __m512i b) { return _mm512_mask_mov_epi16(a, __mmask32(k), b); }
@@ -144,20 +147,29 @@ void row_argmax(const typename S::T* row, int64_t c, int64_t* idx, typename S::T
     best[0] = S::blend(k, best[0], x);
     from[0] = S::pick(k, from[0], S::iters(v));
   }
-  T bv = row[0];
-  int64_t bi = 0;
+  // The best value: fold the accumulators, then the lanes and the tail.
+  V all = best[0];
+  for (int a = 1; a < kAcc; ++a) all = S::max(all, best[a]);
   alignas(64) T lane[W];
-  alignas(64) int64_t it[W];
-  for (int a = 0; a < kAcc; ++a) {
-    S::store(lane, best[a]);
-    S::store_iters(it, from[a]);
-    for (int l = 0; l < W; ++l) {
-      int64_t i = it[l] * W + l;
-      if (lane[l] > bv || (lane[l] == bv && i < bi)) bv = lane[l], bi = i;
-    }
-  }
+  S::store(lane, all);
+  T bv = lane[0];
+  for (int l = 1; l < W; ++l) bv = std::max(bv, lane[l]);
+  int64_t bi = c;
   for (int64_t i = v * W; i < c; ++i)
     if (row[i] > bv) bv = row[i], bi = i;
+  if (bi == c) {  // in the vectors: the lowest index among the lanes holding it
+    const V vb = S::set1(bv);
+    alignas(64) int64_t it[W];
+    for (int a = 0; a < kAcc; ++a) {
+      uint64_t k = S::eq(best[a], vb);
+      if (!k) continue;
+      S::store_iters(it, from[a]);
+      for (; k; k &= k - 1) {
+        const int l = __builtin_ctzll(k);
+        bi = std::min(bi, it[l] * W + l);
+      }
+    }
+  }
   *idx = bi;
   *val = bv;
 }
@@ -250,6 +262,35 @@ float bf16_round(float v) {
   return r;
 }
 
+// |x|^2 and |x - bf16(x)|^2 of one row (bf16: round to nearest even), float32 sums.
+void norms(const float* x, int64_t n, double* xx, double* dd) {
+  int64_t i = 0;
+  float sx = 0.f, sd = 0.f;
+#if CBF_AVX512
+  __m512 ax = _mm512_setzero_ps(), ad = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1), round = _mm512_set1_epi32(0x7FFF),
+                hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(b, round), lsb), hi);
+    const __m512 d = _mm512_sub_ps(v, _mm512_castsi512_ps(r));
+    ax = _mm512_fmadd_ps(v, v, ax);
+    ad = _mm512_fmadd_ps(d, d, ad);
+  }
+  sx = _mm512_reduce_add_ps(ax);
+  sd = _mm512_reduce_add_ps(ad);
+#endif
+  for (; i < n; ++i) {
+    const float d = x[i] - bf16_round(x[i]);
+    sx += x[i] * x[i];
+    sd += d * d;
+  }
+  *xx = sx;
+  *dd = sd;
+}
+
 }  // namespace
 
 extern "C" {
@@ -281,47 +322,105 @@ void cbf_bf16_keys(const float* book, int64_t r0, int64_t r1, int64_t c, int64_t
   }
 }
 
-// Exact re-rank of shortlists: for group g and token n, the k best of the m codes
-// shortl[g, n, :] by (x[n, g] . book[g, code]) * scale[g, code] + bias[g, code] in float32
-// (scale, bias: null for 1, 0), best first (ties: lower code), into codes and scores
-// (N, G, k). Also |x[n, g]| and |x[n, g] - bf16(x[n, g])| into xnorm, dxnorm (N, G), for
-// the screen's certificate.
-void cbf_rerank_f32(const float* x, const float* book, const float* scale, const float* bias,
-                    const int64_t* shortl, int64_t r0, int64_t r1, int64_t n, int64_t g,
-                    int64_t c, int64_t dg, int m, int k, int64_t* codes, float* scores,
-                    float* xnorm, float* dxnorm) {
-  {
-    std::vector<float> sc(m);
-    std::vector<int> order(m);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t gi = r / n, o = (r % n) * g + gi;  // o: the (N, G) row
-      const float* xr = x + o * dg;
-      const int64_t* cand = shortl + r * m;
-      for (int q = 0; q < m; ++q) {
-        const int64_t code = gi * c + cand[q];
-        float v = dot(xr, book + code * dg, dg);
-        if (scale) v *= scale[code];
-        if (bias) v += bias[code];
-        sc[q] = v;
-        order[q] = q;
+// The certified bfloat16 screen, one group's block of rows. Row r of `s` (bfloat16 scores as
+// int16 bits, row stride ld) belongs to token n0 + r of group gi; x is (N, G, dg) float32 and
+// the exact ranking score of a code is (x . book[gi, code]) * scale + bias (scale, bias: null
+// for 1, 0). Per row: err bounds |exact - screen score| (rounding of x, of the keys, float32
+// accumulation; as snap._certified); thr is the k-th best screen score; every code scoring
+// >= thr - 2.2 err - 4u|thr| is re-scored exactly (at most kMaxWindow of them), the k best go
+// to codes/scores (N, G, k), and ok[n, g] = 1 when the k-th exact score beats the best code
+// left out by more than the bound (else the caller searches the token again exactly).
+constexpr int kMaxWindow = 256;
+constexpr double kU = 1.0 / 256, kU32 = 1.0 / 16777216;
+
+float bf16_bits_value(int16_t b) {
+  const uint32_t bits = uint32_t(uint16_t(b)) << 16;
+  float v;
+  __builtin_memcpy(&v, &bits, 4);
+  return v;
+}
+
+void cbf_screen_rows(const int16_t* s, int64_t r0, int64_t r1, int64_t ld, int64_t c,
+                     int64_t n0, int64_t gi, const float* x, int64_t g, int64_t dg,
+                     const float* book, const float* scale, const float* bias, int k,
+                     float kmax, float dkmax, float bmax, int extra_ulps, int64_t* codes,
+                     float* scores, uint8_t* ok) {
+  Scratch<I16> sc;
+  std::vector<int64_t> top(k);
+  std::vector<int16_t> topv(k);
+  int32_t win[kMaxWindow];
+  float exact[kMaxWindow];
+  int order[kMaxWindow];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int16_t* row = s + r * ld;
+    const int64_t o = (n0 + r) * g + gi;  // the (N, G) row
+    const float* xr = x + o * dg;
+    ok[o] = 0;
+    double xx, dd;
+    norms(xr, dg, &xx, &dd);
+    // float32 sums of dg squares: relative error below dg * 2^-23 (+ the square root's).
+    const double slack = 1 + (dg + 4) * 1.2e-7;
+    const double xn = __builtin_sqrt(xx) * slack, dx = __builtin_sqrt(dd) * slack;
+    double err = dx * kmax + xn * (1 + kU) * dkmax +
+                 (2.0 * dg + extra_ulps) * kU32 * xn * kmax * (1 + kU) * (1 + kU);
+    if (bmax >= 0) err += 3 * kU * bmax + 2 * kU * (xn * kmax + bmax);
+    row_topm<I16>(row, c, k, sc, top.data(), topv.data());  // k = 1: a one-pass argmax
+    const double thr = bf16_bits_value(topv[k - 1]);
+    const double cut = thr - 2.2 * err - 4 * kU * __builtin_fabs(thr);
+    if (!(thr > 0) || !(cut > 0)) continue;  // negative scores order backwards as bits: redo
+    // The smallest bfloat16 >= cut, as bits (cut > 0: round the float32 bits up).
+    const float cf = float(cut);
+    uint32_t cb;
+    __builtin_memcpy(&cb, &cf, 4);
+    const int16_t cut16 = int16_t((cb >> 16) + ((cb & 0xFFFFu) ? 1 : 0));
+    int n = 0;
+    bool overflow = false;
+    int16_t left = INT16_MIN;  // best screen score left out
+    int64_t i = 0;
+#if CBF_AVX512
+    const __m512i vc = _mm512_set1_epi16(cut16);
+    __m512i vl = _mm512_set1_epi16(INT16_MIN);
+    for (; i + 32 <= c; i += 32) {
+      const __m512i v = _mm512_loadu_si512(row + i);
+      uint32_t in = _mm512_cmpge_epi16_mask(v, vc);
+      vl = _mm512_mask_max_epi16(vl, __mmask32(~in), vl, v);
+      while (in) {
+        if (n == kMaxWindow) { overflow = true; break; }
+        win[n++] = int32_t(i + __builtin_ctz(in));
+        in &= in - 1;
       }
-      auto better = [&](int a, int b) {
-        return sc[a] > sc[b] || (sc[a] == sc[b] && cand[a] < cand[b]);
-      };
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), better);
-      for (int q = 0; q < k; ++q) {
-        codes[o * k + q] = cand[order[q]];
-        scores[o * k + q] = sc[order[q]];
-      }
-      double xx = 0, dd = 0;
-      for (int64_t i = 0; i < dg; ++i) {
-        const double d = double(xr[i]) - double(bf16_round(xr[i]));
-        xx += double(xr[i]) * xr[i];
-        dd += d * d;
-      }
-      xnorm[o] = float(__builtin_sqrt(xx));
-      dxnorm[o] = float(__builtin_sqrt(dd));
     }
+    alignas(64) int16_t lanes[32];
+    _mm512_store_si512(lanes, vl);
+    for (int l = 0; l < 32; ++l) left = std::max(left, lanes[l]);
+#endif
+    for (; i < c; ++i) {
+      if (row[i] >= cut16) {
+        if (n == kMaxWindow) { overflow = true; break; }
+        win[n++] = int32_t(i);
+      } else {
+        left = std::max(left, row[i]);
+      }
+    }
+    if (overflow || n < k) continue;
+    for (int q = 0; q < n; ++q) {
+      const int64_t code = gi * c + win[q];
+      float v = dot(xr, book + code * dg, dg);
+      if (scale) v *= scale[code];
+      if (bias) v += bias[code];
+      exact[q] = v;
+      order[q] = q;
+    }
+    auto better = [&](int a, int b) {
+      return exact[a] > exact[b] || (exact[a] == exact[b] && win[a] < win[b]);
+    };
+    std::partial_sort(order, order + k, order + n, better);
+    for (int q = 0; q < k; ++q) {
+      codes[o * k + q] = win[order[q]];
+      scores[o * k + q] = exact[order[q]];
+    }
+    const double bound = left > 0 ? bf16_bits_value(left) : 0.0;
+    ok[o] = exact[order[k - 1]] - 1.1 * err > bound + 2 * kU * bound;
   }
 }
 
