@@ -19,7 +19,7 @@ Search backends (``search(..., backend=)``), all exact unless named otherwise:
   beat the k-th; the few tokens it cannot certify are searched again exactly (see
   :func:`_search_screened`; with the compiled kernel, :func:`_search_screened_kernel`).
 * ``auto`` (default): for float32 CPU inputs, ``bf16_screen`` where it is measured faster
-  (AMX, and groups at least 32 wide with the kernel, else at least 256 wide and 4096 codes),
+  (AMX, and groups at least 64 wide with the kernel, else at least 256 wide and 4096 codes),
   else ``torch`` on Intel CPUs and ``faiss`` on others (when installed); ``torch`` for
   everything else (GPU, float64).
 * ``torch_bf16``: an *approximate* variant of ``torch``: the similarity in bfloat16, a
@@ -173,7 +173,8 @@ def resolve_backend(backend: str, x: Tensor, codebook: Tensor | None = None) -> 
         return "torch"
     if codebook is not None and fast_bf16_matmul():
         dg, num_codes = codebook.shape[-1], codebook.shape[1]
-        if (kernels.available() and dg >= 32) or (dg >= 256 and num_codes >= 4096):
+        # d/G = 32 (the TokFSM model) measured a little slower in a whole training step.
+        if (kernels.available() and dg >= 64) or (dg >= 256 and num_codes >= 4096):
             return "bf16_screen"
     if faiss_available() and _cpu_flags()[0] != "GenuineIntel":
         return "faiss"
