@@ -14,10 +14,11 @@ Search backends (``search(..., backend=)``), all exact unless named otherwise:
   (:mod:`.kernels`) where it runs, else a *block-max* top-k (see :func:`topk_last`). Any
   device and dtype; no host sync.
 * ``bf16_screen``: exact, for float32 CPU inputs on CPUs that multiply bfloat16 in hardware
-  (AMX): a bfloat16 matmul shortlists ``2k + 4`` codes per token, the shortlist is scored
-  exactly, and a rigorous rounding-error bound certifies per token that no other code can
-  beat the k-th; the few tokens it cannot certify are searched again exactly (see
-  :func:`_search_screened`; with the compiled kernel, :func:`_search_screened_kernel`).
+  (AMX): a bfloat16 matmul scores every code, a shortlist is scored exactly in float32, and a
+  rigorous rounding-error bound certifies per token that no other code can beat the k-th; the
+  few tokens it cannot certify are searched again exactly. With the compiled kernel the
+  shortlist is every code within twice the token's bound of the k-th best screen score
+  (:func:`_search_screened_kernel`); without it, a fixed ``2k + 4`` (:func:`_search_screened`).
 * ``auto`` (default): for float32 CPU inputs, ``bf16_screen`` where it is measured faster
   (AMX, and groups at least 64 wide with the kernel, else at least 256 wide and 4096 codes),
   else ``torch`` on Intel CPUs and ``faiss`` on others (when installed); ``torch`` for
@@ -454,12 +455,8 @@ def _search_screened(x: Tensor, keys: Tensor, bias: Tensor | None, k: int, simil
     dkmax = torch.linalg.vector_norm(keys - kb, dim=-1).amax(-1)  # (G,)
     kmax = (torch.ones_like(dkmax) if similarity == "cosine"  # unit keys
             else keys.norm(dim=-1).amax(-1)) * (1 + 1e-6)
-    err = dx * kmax + xn * (1 + _U) * dkmax + 2 * dg * _U32 * xn * kmax * (1 + _U) ** 2
-    if bias is not None:  # the bias and the sum are rounded to bfloat16 too
-        bmax = bias.abs().amax(-1)  # (G,)
-        err = err + 3 * _U * bmax + 2 * _U * (xn * kmax + bmax)
-    bnd = bound.t().to(x.dtype)
-    ok = (v[..., -1] - 1.1 * err > bnd + 2 * _U * bnd.abs()).all(-1)  # (N,)
+    bmax = None if bias is None else bias.abs().amax(-1)  # (G,)
+    ok = _certified(v, bound.t().to(x.dtype), xn, dx, kmax, dkmax, bmax, dg)  # (N,)
     if not bool(ok.all()):  # rare: redo the tokens the bound cannot certify exactly
         redo = (~ok).nonzero().squeeze(-1)
         rc, rv = _search_torch(x[redo], keys, bias, k, chunk_mib)
@@ -479,7 +476,8 @@ def _certified(v: Tensor, bound: Tensor, xn: Tensor, dx: Tensor, kmax: Tensor, d
     ``(N, G)`` (every left-out code's bfloat16 score) by more than the screen's worst-case
     error, in every group. ``xn``, ``dx``: ``|x|``, ``|x - bf16(x)|`` ``(N, G)``; ``kmax``,
     ``dkmax``: ``max |key|``, ``max |key - bf16(key)|`` ``(G,)``; ``bmax``: ``max |bias|``
-    ``(G,)``; ``extra_ulps``: float32 roundings of the exact score beyond its dot product."""
+    ``(G,)``; ``extra_ulps``: float32 roundings of the exact score beyond its dot product.
+    ``cbf_screen_rows`` in ``csrc/topm.cpp`` applies the same bound in the compiled screen."""
     err = (dx * kmax + xn * (1 + _U) * dkmax
            + (2 * dg + extra_ulps) * _U32 * xn * kmax * (1 + _U) ** 2)
     if bmax is not None:  # the bias and the sum are rounded to bfloat16 too
