@@ -281,7 +281,7 @@ class CodebookLayer(nn.Module):
             return a
         y = snap.snap_combine(xg, self.codebook, codes, weights, c.mse_coeff)
         with torch.no_grad():
-            err = torch.dist(y, xg).square()  # fused: no (N, d) temporary
+            err = snap.sq_error(y, xg)  # no (N, d) temporary
             self.last_mse = err / xg.numel()
             if self.training and self.track_stats and not _in_backward():
                 self._update_stats(xg.detach(), codes, err)

@@ -112,7 +112,11 @@ def _lib() -> ctypes.CDLL | None:
     f32 = ctypes.c_float
     lib.cbf_screen_rows.argtypes = [_P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, c_int,
                                     f32, f32, f32, c_int, _P, _P, _P]
-    for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_screen_rows):
+    lib.cbf_sq_dist.argtypes = [_P, _P, _I, _I]
+    lib.cbf_sq_dist.restype = ctypes.c_double
+    lib.cbf_scatter_rows.argtypes = [_P, _P, _P, _P, _I, _I, f32, f32]
+    for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_screen_rows,
+               lib.cbf_scatter_rows):
         fn.restype = None
     return lib
 
@@ -221,3 +225,28 @@ def screen_rows(s: Tensor, n0: int, group: int, x: Tensor, book: Tensor, scale: 
             kmax, dkmax, -1.0 if bmax is None else bmax, extra_ulps, codes.data_ptr(),
             scores.data_ptr(), ok.data_ptr())
     _parallel(lambda r0, r1: _lib().cbf_screen_rows(*head, r0, r1, *tail), rows)
+
+
+def dense_ok(*tensors: Tensor) -> bool:
+    """Whether the row kernels below apply: the kernel runs and every tensor is a contiguous
+    float32 (or int64 index) CPU tensor."""
+    return available() and all(
+        t.device.type == "cpu" and t.is_contiguous() and t.dtype in (torch.float32, torch.int64)
+        for t in tensors)
+
+
+def sq_dist(a: Tensor, b: Tensor) -> float:
+    """``sum((a - b)^2)`` without a temporary (float32 blocks of 1024, summed in float64)."""
+    n = a.numel()
+    parts: list[float] = []
+    ap, bp = a.data_ptr(), b.data_ptr()
+    _parallel(lambda e0, e1: parts.append(_lib().cbf_sq_dist(ap, bp, e0, e1)), n, 1 << 16)
+    return float(sum(parts))
+
+
+def scatter_rows(grad: Tensor, idx: Tensor, gy: Tensor, x: Tensor | None, alpha_g: float,
+                 alpha_x: float) -> None:
+    """``grad[idx[r]] += alpha_g * gy[r] + alpha_x * x[r]`` (``x`` None: no x term), one
+    thread; ``grad`` ``(R, dg)``, ``gy`` and ``x`` ``(n, dg)``, indices in ``[0, R)``."""
+    _lib().cbf_scatter_rows(grad.data_ptr(), idx.data_ptr(), gy.data_ptr(), _ptr(x),
+                            idx.numel(), grad.shape[-1], alpha_g, alpha_x)

@@ -742,6 +742,13 @@ class _SnapCombine(torch.autograd.Function):
         return grad_x, grad_codebook, None, None, None
 
 
+def sq_error(y: Tensor, x: Tensor) -> Tensor:
+    """``sum((y - x)^2)`` as a 0-d tensor of ``y``'s dtype, without an ``(N, d)`` temporary."""
+    if kernels.dense_ok(y, x) and y.shape == x.shape:
+        return torch.tensor(kernels.sq_dist(y, x), dtype=y.dtype)
+    return torch.dist(y, x).square()
+
+
 def _single_code_grad(x: Tensor, grad_y: Tensor, idx: Tensor, codebook: Tensor, w: float,
                       mse_coeff: float) -> Tensor:
     """The codebook gradient when every token has one code (k = 1) of weight ``w``, with no
@@ -750,10 +757,14 @@ def _single_code_grad(x: Tensor, grad_y: Tensor, idx: Tensor, codebook: Tensor, 
     ``count_c * w * code``: two ``index_add_`` passes and one over the codebook."""
     g_c, c, dg = codebook.shape
     grad = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
-    grad.index_add_(0, idx, grad_y.reshape(-1, dg), alpha=w)
+    a = 2.0 * mse_coeff / x.numel()
+    if kernels.dense_ok(grad, idx, grad_y, x):  # one pass over both, no per-row dispatch
+        kernels.scatter_rows(grad, idx, grad_y, x if mse_coeff else None, w, -a * w)
+    else:
+        grad.index_add_(0, idx, grad_y.reshape(-1, dg), alpha=w)
+        if mse_coeff:
+            grad.index_add_(0, idx, x.reshape(-1, dg), alpha=-a * w)
     if mse_coeff:
-        a = 2.0 * mse_coeff / x.numel()
-        grad.index_add_(0, idx, x.reshape(-1, dg), alpha=-a * w)
         counts = torch.bincount(idx, minlength=g_c * c).to(grad.dtype).unsqueeze(-1)
         grad.addcmul_(counts, codebook.reshape(-1, dg), value=a * w * w)
     return grad.view(g_c, c, dg)

@@ -424,6 +424,43 @@ void cbf_screen_rows(const int16_t* s, int64_t r0, int64_t r1, int64_t ld, int64
   }
 }
 
+// sum over elements [e0, e1) of (a - b)^2, accumulated in double per 16 lanes.
+double cbf_sq_dist(const float* a, const float* b, int64_t e0, int64_t e1) {
+  double total = 0;
+  int64_t i = e0;
+#if CBF_AVX512
+  for (; i + 1024 <= e1;) {  // float32 partial sums over 1024 elements, then double
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t end = i + 1024; i < end; i += 16) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+      acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    total += _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; i < e1; ++i) {
+    const double d = double(a[i]) - b[i];
+    total += d * d;
+  }
+  return total;
+}
+
+// grad[idx[r]] += alpha_g * gy[r] + alpha_x * x[r] for rows [0, rows) of width dg (x may be
+// null). One thread: codes repeat across rows.
+void cbf_scatter_rows(float* grad, const int64_t* idx, const float* gy, const float* x,
+                      int64_t rows, int64_t dg, float alpha_g, float alpha_x) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = grad + idx[r] * dg;
+    const float* g = gy + r * dg;
+    if (x) {
+      const float* xr = x + r * dg;
+      for (int64_t i = 0; i < dg; ++i) dst[i] += alpha_g * g[i] + alpha_x * xr[i];
+    } else {
+      for (int64_t i = 0; i < dg; ++i) dst[i] += alpha_g * g[i];
+    }
+  }
+}
+
 int cbf_simd_width() { return CBF_AVX512 ? 512 : 0; }
 void cbf_topm_f32(const float* s, int64_t r0, int64_t r1, int64_t c, int64_t ld, int m,
                   int64_t* idx, float* val) {
