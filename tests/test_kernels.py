@@ -101,6 +101,7 @@ def test_screen_rows_certified_codes_are_exact(similarity, k):
     codes = torch.full((n, g, k), -1, dtype=torch.long)
     scores = torch.empty(n, g, k)
     ok = torch.zeros(n, g, dtype=torch.uint8)
+    norms = torch.empty(n, g)
     for gi in range(g):
         s = x[:, gi].to(torch.bfloat16) @ kbt[gi]
         if bias is not None:
@@ -109,8 +110,9 @@ def test_screen_rows_certified_codes_are_exact(similarity, k):
                             scale if similarity == "cosine" else None, bias, k,
                             float(kn[gi].max()) * 1.01, float(dk[gi].max()) * 1.01,
                             None if bias is None else float(bias[gi].abs().max()) * 1.01,
-                            4, codes, scores, ok)
+                            4, codes, scores, ok, norms)
     assert ok.float().mean() > 0.97
+    torch.testing.assert_close(norms, x.norm(dim=-1))
     keys = book.double() * scale.double().unsqueeze(-1) if similarity == "cosine" else book
     exact = torch.einsum("ngd,gcd->ngc", x.double(), keys.double())
     if bias is not None:

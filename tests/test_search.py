@@ -82,7 +82,8 @@ def test_auto_resolution(monkeypatch, kernel):
     for vendor, flags, book, want in [
             ("GenuineIntel", {"amx_bf16"}, wide, "bf16_screen"),
             ("GenuineIntel", {"amx_bf16"}, narrow, "bf16_screen" if kernel else "torch"),
-            ("GenuineIntel", {"amx_bf16"}, thin, "torch"),
+            ("GenuineIntel", {"amx_bf16"}, thin, "bf16_screen" if kernel else "torch"),
+            ("GenuineIntel", {"amx_bf16"}, torch.zeros(8, 1000, 16), "torch"),
             ("GenuineIntel", set(), wide, "torch"),
             ("AuthenticAMD", set(), wide, "faiss" if snap.faiss_available() else "torch")]:
         monkeypatch.setattr(snap, "_cpu_flags", lambda v=vendor, f=flags: (v, frozenset(f)))

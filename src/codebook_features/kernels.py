@@ -111,7 +111,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.cbf_bf16_keys.argtypes = [_P, _I, _I, _I, _I, c_int, _P, _P, _P, _P]
     f32 = ctypes.c_float
     lib.cbf_screen_rows.argtypes = [_P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, c_int,
-                                    f32, f32, f32, c_int, _P, _P, _P]
+                                    f32, f32, f32, c_int, _P, _P, _P, _P]
     lib.cbf_sq_dist.argtypes = [_P, _P, _I, _I]
     lib.cbf_sq_dist.restype = ctypes.c_double
     lib.cbf_scatter_rows.argtypes = [_P, _P, _P, _P, _I, _I, f32, f32]
@@ -210,11 +210,12 @@ def bf16_keys(book: Tensor, unit: bool, kbt: Tensor) -> tuple[Tensor, Tensor, Te
 
 def screen_rows(s: Tensor, n0: int, group: int, x: Tensor, book: Tensor, scale: Tensor | None,
                 bias: Tensor | None, k: int, kmax: float, dkmax: float, bmax: float | None,
-                extra_ulps: int, codes: Tensor, scores: Tensor, ok: Tensor) -> None:
+                extra_ulps: int, codes: Tensor, scores: Tensor, ok: Tensor, norms: Tensor,
+                ) -> None:
     """The certified screen on one block of bfloat16 scores ``s`` ``(rows, C)`` (int16 bits)
     of tokens ``n0 ..`` in ``group``: see ``cbf_screen_rows`` in the source. Writes the exact
-    top-k ``codes`` and ranking ``scores`` ``(N, G, k)`` and ``ok`` ``(N, G)`` uint8 (1 where
-    certified). ``x`` ``(N, G, dg)``, ``book`` ``(G, C, dg)`` contiguous float32; ``scale``,
+    top-k ``codes`` and ranking ``scores`` ``(N, G, k)``, ``ok`` ``(N, G)`` uint8 (1 where
+    certified) and ``norms`` ``(N, G)`` float32 (``|x|``). ``x`` ``(N, G, dg)``, ``book`` ``(G, C, dg)`` contiguous float32; ``scale``,
     ``bias`` ``(G, C)`` or None; ``kmax``, ``dkmax``, ``bmax``: the group's max key norm, key
     rounding error and |bias| (None: no bias)."""
     rows, c = s.shape
@@ -223,7 +224,7 @@ def screen_rows(s: Tensor, n0: int, group: int, x: Tensor, book: Tensor, scale: 
     head = (s.data_ptr(),)
     tail = (ld, c, n0, group, x.data_ptr(), g, dg, book.data_ptr(), _ptr(scale), _ptr(bias), k,
             kmax, dkmax, -1.0 if bmax is None else bmax, extra_ulps, codes.data_ptr(),
-            scores.data_ptr(), ok.data_ptr())
+            scores.data_ptr(), ok.data_ptr(), norms.data_ptr())
     _parallel(lambda r0, r1: _lib().cbf_screen_rows(*head, r0, r1, *tail), rows)
 
 

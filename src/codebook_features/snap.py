@@ -20,7 +20,7 @@ Search backends (``search(..., backend=)``), all exact unless named otherwise:
   shortlist is every code within twice the token's bound of the k-th best screen score
   (:func:`_search_screened_kernel`); without it, a fixed ``2k + 4`` (:func:`_search_screened`).
 * ``auto`` (default): for float32 CPU inputs, ``bf16_screen`` where it is measured faster
-  (AMX, and groups at least 64 wide with the kernel, else at least 256 wide and 4096 codes),
+  (AMX, and groups at least 32 wide with the kernel, else at least 256 wide and 4096 codes),
   else ``torch`` on Intel CPUs and ``faiss`` on others (when installed); ``torch`` for
   everything else (GPU, float64).
 * ``torch_bf16``: an *approximate* variant of ``torch``: the similarity in bfloat16, a
@@ -174,8 +174,7 @@ def resolve_backend(backend: str, x: Tensor, codebook: Tensor | None = None) -> 
         return "torch"
     if codebook is not None and fast_bf16_matmul():
         dg, num_codes = codebook.shape[-1], codebook.shape[1]
-        # d/G = 32 (the TokFSM model) measured a little slower in a whole training step.
-        if (kernels.available() and dg >= 64) or (dg >= 256 and num_codes >= 4096):
+        if (kernels.available() and dg >= 32) or (dg >= 256 and num_codes >= 4096):
             return "bf16_screen"
     if faiss_available() and _cpu_flags()[0] != "GenuineIntel":
         return "faiss"
@@ -232,12 +231,16 @@ def topk_last(s: Tensor, k: int, bs: int | None) -> tuple[Tensor, Tensor]:
     return v, idx
 
 
-def _finish_scores(scores: Tensor, x: Tensor, similarity: str) -> Tensor:
-    """Turn ranking scores ``x . key + bias`` ``(N, G, k)`` into true similarities."""
+def _finish_scores(scores: Tensor, x: Tensor, similarity: str, norms: Tensor | None = None,
+                   ) -> Tensor:
+    """Turn ranking scores ``x . key + bias`` ``(N, G, k)`` into true similarities (``norms``:
+    ``|x|`` ``(N, G)`` when already known)."""
     if similarity == "cosine":
-        return scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        xn = x.norm(dim=-1) if norms is None else norms
+        return scores / xn.unsqueeze(-1).clamp_min(1e-12)
     if similarity == "euclidean":
-        return 2 * scores - x.pow(2).sum(-1, keepdim=True)
+        sq = x.pow(2).sum(-1) if norms is None else norms.square()
+        return 2 * scores - sq.unsqueeze(-1)
     return scores
 
 
@@ -257,8 +260,9 @@ def search(x: Tensor, codebook: Tensor, k: int, similarity: str = "cosine",
     if backend == "faiss":
         return _search_faiss(x, codebook, k, similarity, workspace)
     if backend == "bf16_screen" and _screen_kernel_ok(x, codebook):
-        codes, scores = _search_screened_kernel(x, codebook, k, similarity, chunk_mib, workspace)
-        return SearchResult(codes, _finish_scores(scores, x, similarity))
+        codes, scores, norms = _search_screened_kernel(x, codebook, k, similarity, chunk_mib,
+                                                       workspace)
+        return SearchResult(codes, _finish_scores(scores, x, similarity, norms))
     keys, bias = search_keys(codebook, similarity, workspace)
     if backend == "torch_bf16":
         return _search_bf16(x, keys, bias, k, similarity, chunk_mib)
@@ -512,18 +516,19 @@ def _search_scaled(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor |
 
 def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str,
                             chunk_mib: float, ws: Workspace | None = None,
-                            ) -> tuple[Tensor, Tensor]:
+                            ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The certified bfloat16 screen with the compiled kernel (the bound of
     :func:`_search_screened`): per group and token block a bfloat16 ``mm``, then per token one
     compiled pass that finds the k-th best screen score, re-scores exactly every code within
     twice the token's error bound of it (usually k plus a few: the shortlist adapts to how
     close the scores are) and certifies the result. Cosine never forms unit keys in float32:
-    exact scores are ``(x . code) / |code|``."""
+    exact scores are ``(x . code) / |code|``. Returns codes, ranking scores and ``|x|``
+    ``(N, G)`` (None when it fell back to plain exact search)."""
     n, g, dg = x.shape
     num_codes = codebook.shape[1]
     if n == 0 or 4 * k > num_codes:
-        return _search_scaled(x, codebook, _inv_norms(codebook, similarity),
-                              _bias(codebook, similarity), k, chunk_mib)
+        return (*_search_scaled(x, codebook, _inv_norms(codebook, similarity),
+                                _bias(codebook, similarity), k, chunk_mib), None)
     book = codebook.contiguous()
     bf16 = torch.empty(0, dtype=torch.bfloat16)
     kbt = _scratch(ws, "kbt", (g, dg, num_codes), bf16)
@@ -541,6 +546,7 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
     codes = torch.empty(n, g, k, dtype=torch.long)
     v = torch.empty(n, g, k)
     ok = torch.empty(n, g, dtype=torch.uint8)
+    norms = torch.empty(n, g)
     tol = 1 + 1e-6  # the float32 roundings of the norms
     kmax, dkmax = (kn.amax(-1) * tol).tolist(), (dk.amax(-1) * tol).tolist()
     bmax = [None] * g if bias is None else (bias.abs().amax(-1) * tol).tolist()
@@ -553,12 +559,13 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
             else:
                 torch.addmm(bias_b[gi], xbt[gi, start:end], kbt[gi], out=s)
             kernels.screen_rows(s.view(torch.int16), start, gi, x, book, scale_or_none, bias, k,
-                                kmax[gi], dkmax[gi], bmax[gi], 4 if cos else 1, codes, v, ok)
+                                kmax[gi], dkmax[gi], bmax[gi], 4 if cos else 1, codes, v, ok,
+                                norms)
     certified = ok.bool().all(-1)
     if not bool(certified.all()):  # rare: redo the tokens the bound cannot certify exactly
         redo = (~certified).nonzero().squeeze(-1)
         codes[redo], v[redo] = _redo(x[redo], book, scale_or_none, bias, k, chunk_mib)
-    return codes, v
+    return codes, v, norms
 
 
 def _redo(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, k: int,

@@ -328,7 +328,7 @@ void cbf_bf16_keys(const float* book, int64_t r0, int64_t r1, int64_t c, int64_t
 // for 1, 0). Per row: err bounds |exact - screen score| (rounding of x, of the keys, float32
 // accumulation; as snap._certified); thr is the k-th best screen score; every code scoring
 // >= thr - 2.2 err - 4u|thr| is re-scored exactly (at most kMaxWindow of them), the k best go
-// to codes/scores (N, G, k), and ok[n, g] = 1 when the k-th exact score beats the best code
+// to codes/scores (N, G, k), |x[n, g]| to xnorm (N, G), and ok[n, g] = 1 when the k-th exact score beats the best code
 // left out by more than the bound (else the caller searches the token again exactly).
 constexpr int kMaxWindow = 256;
 constexpr double kU = 1.0 / 256, kU32 = 1.0 / 16777216;
@@ -344,7 +344,7 @@ void cbf_screen_rows(const int16_t* s, int64_t r0, int64_t r1, int64_t ld, int64
                      int64_t n0, int64_t gi, const float* x, int64_t g, int64_t dg,
                      const float* book, const float* scale, const float* bias, int k,
                      float kmax, float dkmax, float bmax, int extra_ulps, int64_t* codes,
-                     float* scores, uint8_t* ok) {
+                     float* scores, uint8_t* ok, float* xnorm) {
   Scratch<I16> sc;
   std::vector<int64_t> top(k);
   std::vector<int16_t> topv(k);
@@ -358,6 +358,7 @@ void cbf_screen_rows(const int16_t* s, int64_t r0, int64_t r1, int64_t ld, int64
     ok[o] = 0;
     double xx, dd;
     norms(xr, dg, &xx, &dd);
+    xnorm[o] = float(__builtin_sqrt(xx));
     // float32 sums of dg squares: relative error below dg * 2^-23 (+ the square root's).
     const double slack = 1 + (dg + 4) * 1.2e-7;
     const double xn = __builtin_sqrt(xx) * slack, dx = __builtin_sqrt(dd) * slack;
