@@ -222,14 +222,16 @@ def test_row_kernels_match_torch():
 
 
 @needs_kernel
-def test_layer_k1_float32_matches_torch_only(monkeypatch):
-    """The k = 1 layer (MSE, codebook gradient) with the row kernels equals the torch-only path
-    in float32."""
+@pytest.mark.parametrize("k,combine", [(1, "mean"), (3, "mean"), (2, "sum")])
+def test_layer_float32_matches_torch_only(monkeypatch, k, combine):
+    """The layer (MSE, codebook gradient) with the row kernels equals the torch-only path in
+    float32."""
     from codebook_features import CodebookLayer
 
     def run():
         torch.manual_seed(0)
-        layer = CodebookLayer(dim=64, num_codes=300, k=1, groups=2, mse_coeff=0.7)
+        layer = CodebookLayer(dim=64, num_codes=300, k=k, combine=combine, groups=2,
+                              mse_coeff=0.7)
         a = torch.randn(2, 500, 64, requires_grad=True)
         out = layer(a)
         (out * torch.linspace(-1, 1, 64)).sum().backward()

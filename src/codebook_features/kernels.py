@@ -115,8 +115,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.cbf_sq_dist.argtypes = [_P, _P, _I, _I]
     lib.cbf_sq_dist.restype = ctypes.c_double
     lib.cbf_scatter_rows.argtypes = [_P, _P, _P, _P, _I, _I, f32, f32]
+    lib.cbf_scatter_slots.argtypes = [_P, _P, _I, _P, _P, _P, _I, _I, f32, f32]
     for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_screen_rows,
-               lib.cbf_scatter_rows):
+               lib.cbf_scatter_rows, lib.cbf_scatter_slots):
         fn.restype = None
     return lib
 
@@ -215,9 +216,10 @@ def screen_rows(s: Tensor, n0: int, group: int, x: Tensor, book: Tensor, scale: 
     """The certified screen on one block of bfloat16 scores ``s`` ``(rows, C)`` (int16 bits)
     of tokens ``n0 ..`` in ``group``: see ``cbf_screen_rows`` in the source. Writes the exact
     top-k ``codes`` and ranking ``scores`` ``(N, G, k)``, ``ok`` ``(N, G)`` uint8 (1 where
-    certified) and ``norms`` ``(N, G)`` float32 (``|x|``). ``x`` ``(N, G, dg)``, ``book`` ``(G, C, dg)`` contiguous float32; ``scale``,
-    ``bias`` ``(G, C)`` or None; ``kmax``, ``dkmax``, ``bmax``: the group's max key norm, key
-    rounding error and |bias| (None: no bias)."""
+    certified) and ``norms`` ``(N, G)`` float32 (``|x|``). ``x`` ``(N, G, dg)`` and ``book``
+    ``(G, C, dg)`` are contiguous float32; ``scale``, ``bias`` ``(G, C)`` or None; ``kmax``,
+    ``dkmax``, ``bmax``: the group's max key norm, key rounding error and |bias| (None: no
+    bias)."""
     rows, c = s.shape
     ld = _row_stride(s)
     g, dg = x.shape[1], x.shape[2]
@@ -251,3 +253,12 @@ def scatter_rows(grad: Tensor, idx: Tensor, gy: Tensor, x: Tensor | None, alpha_
     thread; ``grad`` ``(R, dg)``, ``gy`` and ``x`` ``(n, dg)``, indices in ``[0, R)``."""
     _lib().cbf_scatter_rows(grad.data_ptr(), idx.data_ptr(), gy.data_ptr(), _ptr(x),
                             idx.numel(), grad.shape[-1], alpha_g, alpha_x)
+
+
+def scatter_slots(grad: Tensor, flat: Tensor, gy: Tensor, y: Tensor, x: Tensor, w: float,
+                  a: float) -> None:
+    """``grad[flat[r, j]] += w * (gy[r] + a * (y[r] - x[r]))`` for every row r and slot j, one
+    pass over the rows and one thread; ``flat`` ``(n, K)``, ``gy``, ``y``, ``x`` ``(n, dg)``."""
+    n, kk = flat.shape
+    _lib().cbf_scatter_slots(grad.data_ptr(), flat.data_ptr(), kk, gy.data_ptr(), y.data_ptr(),
+                             x.data_ptr(), n, grad.shape[-1], w, a)

@@ -728,6 +728,12 @@ class _SnapCombine(torch.autograd.Function):
         if ctx.needs_input_grad[1] and flat.shape[1] == 1 and not w:
             grad_codebook = _single_code_grad(x, grad_y, flat.view(-1), codebook,
                                               ctx.scalar_w, ctx.mse_coeff)
+        elif ctx.needs_input_grad[1] and not w and kernels.dense_ok(grad_y, x, y, flat):
+            g_c, c, dg = ctx.codebook_shape
+            grad_codebook = torch.zeros(g_c * c, dg, dtype=grad_y.dtype)
+            kernels.scatter_slots(grad_codebook, flat, grad_y, y, x, ctx.scalar_w,
+                                  2.0 * ctx.mse_coeff / x.numel())
+            grad_codebook = grad_codebook.view(g_c, c, dg)
         elif ctx.needs_input_grad[1]:
             g_c, c, dg = ctx.codebook_shape
             scale = 1.0 if w else ctx.scalar_w  # tensor weights are applied per slot

@@ -462,6 +462,29 @@ void cbf_scatter_rows(float* grad, const int64_t* idx, const float* gy, const fl
   }
 }
 
+// The codebook gradient of a top-k combine with one weight w for every slot: for each row r
+// (of width dg) and slot j < kk, grad[flat[r * kk + j]] += w * (gy[r] + a * (y[r] - x[r]))
+// (y, x null when a = 0). One thread: codes repeat across rows.
+void cbf_scatter_slots(float* grad, const int64_t* flat, int64_t kk, const float* gy,
+                       const float* y, const float* x, int64_t rows, int64_t dg, float w,
+                       float a) {
+  std::vector<float> t(dg);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gy + r * dg;
+    if (a != 0.f) {
+      const float* yr = y + r * dg;
+      const float* xr = x + r * dg;
+      for (int64_t i = 0; i < dg; ++i) t[i] = w * (g[i] + a * (yr[i] - xr[i]));
+    } else {
+      for (int64_t i = 0; i < dg; ++i) t[i] = w * g[i];
+    }
+    for (int64_t j = 0; j < kk; ++j) {
+      float* dst = grad + flat[r * kk + j] * dg;
+      for (int64_t i = 0; i < dg; ++i) dst[i] += t[i];
+    }
+  }
+}
+
 int cbf_simd_width() { return CBF_AVX512 ? 512 : 0; }
 void cbf_topm_f32(const float* s, int64_t r0, int64_t r1, int64_t c, int64_t ld, int m,
                   int64_t* idx, float* val) {
