@@ -219,6 +219,10 @@ def test_row_kernels_match_torch():
             want = want.index_add(0, idx, -0.125 * xs.double())
         kernels.scatter_rows(grad, idx, gy, xs, 0.5, -0.125)
         torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="out of range"):
+        kernels.scatter_rows(torch.zeros(300, 24), idx + 1, gy, None, 1.0, 0.0)
+    with pytest.raises(IndexError, match="out of range"):
+        kernels.scatter_slots(torch.zeros(300, 24), (idx - 1).view(-1, 1), gy, gy, gy, 1.0, 0.0)
 
 
 @needs_kernel

@@ -247,10 +247,18 @@ def sq_dist(a: Tensor, b: Tensor) -> float:
     return float(sum(parts))
 
 
+def _check_rows(idx: Tensor, rows: int) -> None:
+    """Refuse indices outside ``[0, rows)`` before compiled code writes through them."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= rows):
+        raise IndexError(f"code index out of range [0, {rows}): "
+                         f"{int(idx.min())}..{int(idx.max())}")
+
+
 def scatter_rows(grad: Tensor, idx: Tensor, gy: Tensor, x: Tensor | None, alpha_g: float,
                  alpha_x: float) -> None:
     """``grad[idx[r]] += alpha_g * gy[r] + alpha_x * x[r]`` (``x`` None: no x term), one
     thread; ``grad`` ``(R, dg)``, ``gy`` and ``x`` ``(n, dg)``, indices in ``[0, R)``."""
+    _check_rows(idx, grad.shape[0])
     _lib().cbf_scatter_rows(grad.data_ptr(), idx.data_ptr(), gy.data_ptr(), _ptr(x),
                             idx.numel(), grad.shape[-1], alpha_g, alpha_x)
 
@@ -260,5 +268,6 @@ def scatter_slots(grad: Tensor, flat: Tensor, gy: Tensor, y: Tensor, x: Tensor, 
     """``grad[flat[r, j]] += w * (gy[r] + a * (y[r] - x[r]))`` for every row r and slot j, one
     pass over the rows and one thread; ``flat`` ``(n, K)``, ``gy``, ``y``, ``x`` ``(n, dg)``."""
     n, kk = flat.shape
+    _check_rows(flat, grad.shape[0])
     _lib().cbf_scatter_slots(grad.data_ptr(), flat.data_ptr(), kk, gy.data_ptr(), y.data_ptr(),
                              x.data_ptr(), n, grad.shape[-1], w, a)
