@@ -1,10 +1,14 @@
-"""A compiled per-row top-k kernel (``csrc/topm.cpp``), built on first use, with torch as the
-fallback.
+"""Compiled CPU kernels for the codebook search and combine (``csrc/topm.cpp``), built on
+first use, with torch as the fallback.
 
 torch's CPU ``topk`` costs 1-3 us per row whatever the row's length, which is most of a
-codebook search's time once the similarity matmul is fast. The kernel selects with two SIMD
-passes over each row (lane maxima, then one compare pass against a threshold that at least k
-values reach; see the source's header) and sorts the few survivors.
+codebook search's time once the similarity matmul is fast. The top-k kernel selects with two
+SIMD passes over each row (lane maxima, then one compare pass against a threshold that at
+least k values reach; see the source's header) and sorts the few survivors. The same library
+holds the certified bfloat16 screen's key preparation and per-token pass
+(:func:`bf16_keys`, :func:`screen_rows`), and the combine's MSE sum and codebook-gradient
+scatters (:func:`sq_dist`, :func:`scatter_rows`, :func:`scatter_slots`), none of which forms
+an ``(N, d)`` temporary.
 
 Rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL; no OpenMP
 runtime of its own). It is compiled once per source, compiler and CPU with ``$CXX`` (default
