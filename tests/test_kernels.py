@@ -211,16 +211,18 @@ def test_row_kernels_match_torch():
     want = (a.double() - b.double()).pow(2).sum()
     torch.testing.assert_close(torch.tensor(kernels.sq_dist(a, b), dtype=torch.float64), want,
                                rtol=1e-6, atol=0)
-    gy, x = torch.randn(2, 5000, 24, generator=gen)
-    for xs in (x, None):
-        grad = torch.randn(300, 24, generator=gen)
-        want = grad.double().index_add(0, idx, 0.5 * gy.double())
-        if xs is not None:
-            want = want.index_add(0, idx, -0.125 * xs.double())
-        kernels.scatter_rows(grad, idx, gy, xs, 0.5, -0.125)
+    gy, y, x = torch.randn(3, 5000, 24, generator=gen)
+    flat = torch.randint(300, (5000, 3), generator=gen)
+    for kk, a in ((1, 0.0), (1, 0.4), (3, 0.4)):
+        grad = torch.zeros(300, 24)
+        row = 0.5 * (gy.double() + a * (y.double() - x.double()))  # naive: every slot
+        want = torch.zeros(300, 24, dtype=torch.float64)
+        for j in range(kk):
+            want = want.index_add(0, flat[:, j], row)
+        kernels.scatter_slots(grad, flat[:, :kk].contiguous(), gy, y, x, 0.5, a)
         torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError, match="out of range"):
-        kernels.scatter_rows(torch.zeros(300, 24), idx + 1, gy, None, 1.0, 0.0)
+        kernels.scatter_slots(torch.zeros(300, 24), (idx + 1).view(-1, 1), gy, gy, gy, 1.0, 0.0)
     with pytest.raises(IndexError, match="out of range"):
         kernels.scatter_slots(torch.zeros(300, 24), (idx - 1).view(-1, 1), gy, gy, gy, 1.0, 0.0)
 

@@ -7,7 +7,7 @@ SIMD passes over each row (lane maxima, then one compare pass against a threshol
 least k values reach; see the source's header) and sorts the few survivors. The same library
 holds the certified bfloat16 screen's key preparation and per-token pass
 (:func:`bf16_keys`, :func:`screen_rows`), and the combine's MSE sum and codebook-gradient
-scatters (:func:`sq_dist`, :func:`scatter_rows`, :func:`scatter_slots`), none of which forms
+scatter (:func:`sq_dist`, :func:`scatter_slots`), neither of which forms
 an ``(N, d)`` temporary.
 
 Rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL; no OpenMP
@@ -118,10 +118,9 @@ def _lib() -> ctypes.CDLL | None:
                                     f32, f32, f32, c_int, _P, _P, _P, _P]
     lib.cbf_sq_dist.argtypes = [_P, _P, _I, _I]
     lib.cbf_sq_dist.restype = ctypes.c_double
-    lib.cbf_scatter_rows.argtypes = [_P, _P, _P, _P, _I, _I, f32, f32]
     lib.cbf_scatter_slots.argtypes = [_P, _P, _I, _P, _P, _P, _I, _I, f32, f32]
     for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_screen_rows,
-               lib.cbf_scatter_rows, lib.cbf_scatter_slots):
+               lib.cbf_scatter_slots):
         fn.restype = None
     return lib
 
@@ -256,15 +255,6 @@ def _check_rows(idx: Tensor, rows: int) -> None:
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= rows):
         raise IndexError(f"code index out of range [0, {rows}): "
                          f"{int(idx.min())}..{int(idx.max())}")
-
-
-def scatter_rows(grad: Tensor, idx: Tensor, gy: Tensor, x: Tensor | None, alpha_g: float,
-                 alpha_x: float) -> None:
-    """``grad[idx[r]] += alpha_g * gy[r] + alpha_x * x[r]`` (``x`` None: no x term), one
-    thread; ``grad`` ``(R, dg)``, ``gy`` and ``x`` ``(n, dg)``, indices in ``[0, R)``."""
-    _check_rows(idx, grad.shape[0])
-    _lib().cbf_scatter_rows(grad.data_ptr(), idx.data_ptr(), gy.data_ptr(), _ptr(x),
-                            idx.numel(), grad.shape[-1], alpha_g, alpha_x)
 
 
 def scatter_slots(grad: Tensor, flat: Tensor, gy: Tensor, y: Tensor, x: Tensor, w: float,

@@ -728,15 +728,16 @@ class _SnapCombine(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         x, y, flat, codebook, *w = ctx.saved_tensors
         grad_codebook = None
-        if ctx.needs_input_grad[1] and flat.shape[1] == 1 and not w:
-            grad_codebook = _single_code_grad(x, grad_y, flat.view(-1), codebook,
-                                              ctx.scalar_w, ctx.mse_coeff)
-        elif ctx.needs_input_grad[1] and not w and kernels.dense_ok(grad_y, x, y, flat):
+        if ctx.needs_input_grad[1] and not w and kernels.dense_ok(grad_y, x, y, flat):
+            # One compiled pass over the rows, any k, no (N, d) temporary.
             g_c, c, dg = ctx.codebook_shape
             grad_codebook = torch.zeros(g_c * c, dg, dtype=grad_y.dtype)
             kernels.scatter_slots(grad_codebook, flat, grad_y, y, x, ctx.scalar_w,
                                   2.0 * ctx.mse_coeff / x.numel())
             grad_codebook = grad_codebook.view(g_c, c, dg)
+        elif ctx.needs_input_grad[1] and flat.shape[1] == 1 and not w:
+            grad_codebook = _single_code_grad(x, grad_y, flat.view(-1), codebook,
+                                              ctx.scalar_w, ctx.mse_coeff)
         elif ctx.needs_input_grad[1]:
             g_c, c, dg = ctx.codebook_shape
             scale = 1.0 if w else ctx.scalar_w  # tensor weights are applied per slot
@@ -770,17 +771,14 @@ def _single_code_grad(x: Tensor, grad_y: Tensor, idx: Tensor, codebook: Tensor, 
     """The codebook gradient when every token has one code (k = 1) of weight ``w``, with no
     ``(N, d)`` temporary: code c gets ``w * sum_(tokens of c) (grad_y + a (y - x))`` with
     ``a = 2 * mse_coeff / numel``, and since every such ``y`` is ``w * code``, the ``y`` sum is
-    ``count_c * w * code``: two ``index_add_`` passes and one over the codebook."""
+    ``count_c * w * code``: two ``index_add_`` passes and one over the codebook (the torch
+    path; with the compiled kernel, :func:`kernels.scatter_slots` does it in one pass)."""
     g_c, c, dg = codebook.shape
     grad = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
     a = 2.0 * mse_coeff / x.numel()
-    if kernels.dense_ok(grad, idx, grad_y, x):  # one pass over both, no per-row dispatch
-        kernels.scatter_rows(grad, idx, grad_y, x if mse_coeff else None, w, -a * w)
-    else:
-        grad.index_add_(0, idx, grad_y.reshape(-1, dg), alpha=w)
-        if mse_coeff:
-            grad.index_add_(0, idx, x.reshape(-1, dg), alpha=-a * w)
+    grad.index_add_(0, idx, grad_y.reshape(-1, dg), alpha=w)
     if mse_coeff:
+        grad.index_add_(0, idx, x.reshape(-1, dg), alpha=-a * w)
         counts = torch.bincount(idx, minlength=g_c * c).to(grad.dtype).unsqueeze(-1)
         grad.addcmul_(counts, codebook.reshape(-1, dg), value=a * w * w)
     return grad.view(g_c, c, dg)

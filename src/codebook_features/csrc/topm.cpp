@@ -446,22 +446,6 @@ double cbf_sq_dist(const float* a, const float* b, int64_t e0, int64_t e1) {
   return total;
 }
 
-// grad[idx[r]] += alpha_g * gy[r] + alpha_x * x[r] for rows [0, rows) of width dg (x may be
-// null). One thread: codes repeat across rows.
-void cbf_scatter_rows(float* grad, const int64_t* idx, const float* gy, const float* x,
-                      int64_t rows, int64_t dg, float alpha_g, float alpha_x) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dst = grad + idx[r] * dg;
-    const float* g = gy + r * dg;
-    if (x) {
-      const float* xr = x + r * dg;
-      for (int64_t i = 0; i < dg; ++i) dst[i] += alpha_g * g[i] + alpha_x * xr[i];
-    } else {
-      for (int64_t i = 0; i < dg; ++i) dst[i] += alpha_g * g[i];
-    }
-  }
-}
-
 // The codebook gradient of a top-k combine with one weight w for every slot: for each row r
 // (of width dg) and slot j < kk, grad[flat[r * kk + j]] += w * (gy[r] + a * (y[r] - x[r]))
 // (y, x null when a = 0). One thread: codes repeat across rows.
