@@ -2,7 +2,9 @@
 
 Prints one JSON object per line: impl, N, d, C, k, G, dtype, fwd_ms, fwdbwd_ms (null for
 forward-only peers), peak_mib (peak resident memory above the inputs, in MiB, from a fresh
-process per peer), and ratios: ``fwdbwd_x_faiss`` (over FAISS's forward),
+process per peer, after one unmeasured step), floor_mib (the output and the input and codebook
+gradients, which every fwd+bwd peer holds at its peak), and ratios: ``naive_peak_x`` (naive
+peak over this one's), ``fwdbwd_x_faiss`` (over FAISS's forward),
 ``naive_x`` (naive fwd+bwd over this one's), ``fwd_x_matmul`` (over the similarity matmul).
 Timings interleave the peers round by round (median of ``--repeats`` rounds, after a warm-up
 round), so a busy machine slows them alike; the load average is printed before and after.
@@ -119,12 +121,16 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
             with torch.no_grad():
                 layer(x)
 
-        def fwdbwd():
+        def clear():
             layer.zero_grad(set_to_none=True)
             x.grad = None
+
+        def fwdbwd():
+            clear()
             layer(x).backward(grad_out)
 
         fwd.layer = layer
+        fwdbwd.clear = clear
         return fwd, fwdbwd
 
     if impl == "naive":
@@ -146,12 +152,16 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
             with torch.no_grad():
                 run()
 
-        def fwdbwd():
+        def clear():
             book.grad = None
             x.grad = None
+
+        def fwdbwd():
+            clear()
             out, mse = run()
             torch.autograd.backward([out, mse], [grad_out, torch.ones(())])
 
+        fwdbwd.clear = clear
         return fwd, fwdbwd
 
     if impl == "faiss_flatip":
@@ -184,18 +194,30 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
             with torch.no_grad():
                 vq.eval()(xb)
 
+        def clear():
+            vq.zero_grad(set_to_none=True)
+            xb.grad = None
+
         def fwdbwd():
             vq.train()
-            xb.grad = None
+            clear()
             q, _, loss = vq(xb)
             torch.autograd.backward([q, loss.sum()], [grad_out.view(1, n, d), torch.ones(())])
 
+        fwdbwd.clear = clear
         return fwd, fwdbwd
     raise ValueError(impl)
 
 
 def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
-    """Run in this (fresh) process: peak resident MiB above the inputs over a few steps."""
+    """Run in this (fresh) process: peak resident MiB above the inputs over a few steps.
+
+    One step of the peer runs first, so that one-off set-up (JIT-compiled kernels, libraries,
+    thread pools, state the peer keeps between steps) is not counted; its gradients are then
+    released, so each measured step allocates them again and they are counted.
+    """
+    import gc
+
     import faiss
     import numpy as np
     import torch
@@ -210,10 +232,15 @@ def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
     torch.randn(256, 256).topk(4)
     faiss.knn(np.ones((256, 64), "float32"), np.ones((256, 64), "float32"), 4,
               metric=faiss.METRIC_INNER_PRODUCT)
+    step = fwdbwd or fwd
+    step()
+    if hasattr(step, "clear"):
+        step.clear()
+    gc.collect()
     base = rss_mib()
     reset_peak()
     for _ in range(3):
-        (fwdbwd or fwd)()
+        step()
     return round(max(0.0, rss_mib("VmHWM") - base), 1)
 
 
@@ -369,6 +396,7 @@ def main() -> None:
         impls = args.impls.split(",")
         rows = measure_shape(shape, impls, args.repeats)
         by = {r["impl"]: r for r in rows}
+        n, d, c = shape[:3]
         for row in rows:
             if not args.no_memory:
                 threads = ["--threads", str(args.threads)] if args.threads else []
@@ -376,6 +404,13 @@ def main() -> None:
                                       json.dumps(shape)], capture_output=True, text=True)
                 row["peak_mib"] = (json.loads(out.stdout.strip().splitlines()[-1])
                                    if out.returncode == 0 else None)
+        for row in rows:
+            if row["fwdbwd_ms"] is not None and row.get("peak_mib") is not None:
+                # What every fwd+bwd peer must hold: its output, the input's gradient and the
+                # codebook's gradient (float32).
+                row["floor_mib"] = round((2 * n * d + c * d) * 4 / 2**20, 1)
+                if by.get("naive", {}).get("peak_mib") and row["peak_mib"]:
+                    row["naive_peak_x"] = round(by["naive"]["peak_mib"] / row["peak_mib"], 2)
             if "matmul" in by:
                 row["fwd_x_matmul"] = round(row["fwd_ms"] / by["matmul"]["fwd_ms"], 2)
             if row["fwdbwd_ms"] is not None:

@@ -303,7 +303,9 @@ class CodebookLayer(nn.Module):
         self.sum_x += flat_x.sum(0)
         self.sum_x2 += torch.linalg.vector_norm(flat_x).square()
         # Rows for dead-code replacement: up to RECENT_ROWS, spread over the batch, copied so
-        # that the batch itself is not kept alive between steps.
+        # that the batch itself is not kept alive between steps. The old rows go first, so the
+        # two never coexist (unless someone else holds them).
+        self._recent = None
         self._recent = xg[:: max(1, -(-n // RECENT_ROWS))].clone()
 
     def reset_stats(self) -> None:
