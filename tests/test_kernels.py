@@ -126,6 +126,99 @@ def test_screen_rows_certified_codes_are_exact(similarity, k):
     assert same > 0.999
 
 
+needs_amx = pytest.mark.skipif(not kernels.amx(), reason="AMX tiles not usable here")
+
+
+def _untile(kb: torch.Tensor, c: int, dg: int) -> torch.Tensor:
+    """AMX key tiles (G, ncb, nq, 512) back to (G, ncb * 16, nq * 32) keys, by their layout:
+    within a tile, 16 pairs of dimensions by 16 codes by the pair."""
+    g, ncb, nq, _ = kb.shape
+    t = kb.view(g, ncb, nq, 16, 16, 2).permute(0, 1, 4, 2, 3, 5)
+    return t.reshape(g, ncb * 16, nq * 32)
+
+
+@needs_kernel
+def test_amx_key_tiles_hold_the_transposed_keys():
+    """The tiled layout holds the same bfloat16 keys as the transposed one, zero padding, and
+    the same scale, rounding error and norms (C and dg not multiples of 16 and 32)."""
+    gen = torch.Generator().manual_seed(2)
+    g, c, dg = 2, 333, 50
+    book = torch.randn(g, c, dg, generator=gen)
+    for unit in (True, False):
+        kbt = torch.empty(g, dg, c, dtype=torch.bfloat16)
+        ref = kernels.bf16_keys(book, unit, kbt)
+        kb = torch.full(kernels.amx_tiles(g, c, dg), 7.0, dtype=torch.bfloat16)  # no zeros
+        got = kernels.bf16_keys(book, unit, kb, tiles=True)
+        keys = _untile(kb, c, dg)
+        assert torch.equal(keys[:, :c, :dg], kbt.transpose(1, 2))
+        assert (keys[:, c:] == 0).all() and (keys[:, :, dg:] == 0).all()
+        for a, b in zip(ref, got, strict=True):
+            assert torch.equal(a, b)
+
+
+def _amx_screen(x, book, k, similarity):
+    g, c, dg = book.shape
+    kb = torch.empty(kernels.amx_tiles(g, c, dg), dtype=torch.bfloat16)
+    scale, dk, kn = kernels.bf16_keys(book, similarity == "cosine", kb, tiles=True)
+    bias = -0.5 * kn * kn if similarity == "euclidean" else None
+    n = x.shape[0]
+    out = (torch.full((n, g, k), -1, dtype=torch.long), torch.empty(n, g, k),
+           torch.zeros(n, g, dtype=torch.uint8), torch.empty(n, g))
+    kernels.amx_screen(x, kb, book, scale if similarity == "cosine" else None, bias, k,
+                       kn.amax(-1) * 1.01, dk.amax(-1) * 1.01,
+                       None if bias is None else bias.abs().amax(-1) * 1.01, 4, *out)
+    return (*out, scale)
+
+
+@needs_amx
+@pytest.mark.parametrize("similarity", ["cosine", "inner", "euclidean"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_amx_screen_certified_codes_are_exact(similarity, k):
+    """The AMX screen: every token it certifies has the float64 top-k (up to float32
+    near-ties) and its exact ranking score; ~all are certified, negative scores included.
+    Tokens (301) not a multiple of 16, codes (700) not of 64, width (40) not of 32; two
+    threads give what one gives."""
+    gen = torch.Generator().manual_seed(k)
+    n, g, c, dg = 301, 2, 700, 40
+    book = torch.randn(g, c, dg, generator=gen)
+    x = torch.randn(n, g, dg, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        codes, scores, ok, norms, scale = _amx_screen(x, book, k, similarity)
+        torch.set_num_threads(2)
+        again = _amx_screen(x, book, k, similarity)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip((codes, scores, ok, norms), again, strict=False):
+        assert torch.equal(a, b)
+    assert ok.float().mean() > 0.97
+    torch.testing.assert_close(norms, x.norm(dim=-1))
+    keys = book.double() * scale.double().unsqueeze(-1) if similarity == "cosine" else book
+    exact = torch.einsum("ngd,gcd->ngc", x.double(), keys.double())
+    if similarity == "euclidean":
+        exact = exact - 0.5 * book.double().square().sum(-1)
+    ref_v, ref_i = exact.topk(k, -1)
+    good = ok.bool()
+    torch.testing.assert_close(exact.gather(-1, codes.clamp_min(0))[good], ref_v[good],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.double()[good], ref_v[good], rtol=1e-5, atol=1e-5)
+    same = (codes.sort(-1).values == ref_i.sort(-1).values).all(-1)[good].float().mean()
+    assert same > 0.999
+
+
+@needs_amx
+def test_amx_screen_refuses_uncertifiable_ties_and_bad_k():
+    """Codes that all score alike overflow the re-score window: nothing is certified (the
+    caller redoes them exactly). k above 16 is refused before the kernel runs."""
+    book = torch.ones(1, 500, 32)
+    x = torch.randn(40, 1, 32)
+    ok = _amx_screen(x, book, 2, "inner")[2]
+    assert not ok.any()
+    with pytest.raises(ValueError, match="k <= min"):
+        _amx_screen(x, book, 17, "inner")
+
+
 @needs_kernel
 def test_screen_window_overflow_is_redone(monkeypatch):
     """More near-equal codes than the screen's exact window holds (256): those tokens are

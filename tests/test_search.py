@@ -244,11 +244,16 @@ def test_workspace_reuse_across_shapes(backend):
         assert torch.equal(layer.last_codes.sort(-1).values, ref.sort(-1).values)
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@pytest.fixture(params=["amx", "kernel", "torch"])
 def screen_impl(request, monkeypatch):
-    """Runs a screen test with the compiled kernels and with the torch-only screen."""
+    """Runs a screen test with the compiled kernel's AMX scores, with its bfloat16 ``mm``
+    scores, and with the torch-only screen."""
+    if request.param == "amx" and not kernels.amx():
+        pytest.skip("AMX tiles are not usable on this machine")
     if request.param == "kernel" and not kernels.available():
         pytest.skip("the compiled kernel is not available on this machine")
+    if request.param == "kernel":
+        monkeypatch.setenv("CODEBOOK_FEATURES_AMX", "0")
     if request.param == "torch":
         monkeypatch.setattr(kernels, "available", lambda: False)
     return request.param
@@ -301,14 +306,15 @@ def test_bf16_screen_certifies_or_redoes(monkeypatch, similarity, screen_impl):
 
 
 def test_bf16_screen_negative_scores(monkeypatch, screen_impl):
-    """Every score negative: int16 bit patterns order negatives backwards, so no token may be
-    certified from them; all are redone and the answer is exact."""
+    """Every score negative: bfloat16 scores as int16 bit patterns order negatives backwards,
+    so no token may be certified from them: all are redone. The AMX screen's float32 scores
+    order them right and certify them. Either way the answer is exact."""
     calls = _count_redos(monkeypatch)
     gen = torch.Generator().manual_seed(4)
     book = torch.rand(2, 1000, 32, generator=gen) + 0.1
     x = -(torch.rand(300, 2, 32, generator=gen) + 0.1)
     res = snap.search(x, book, 2, "cosine", backend="bf16_screen")
-    assert sum(calls) == 300
+    assert sum(calls) == (0 if screen_impl == "amx" else 300)
     assert_exact(res.codes, res.scores, x, book, 2, "cosine")
 
 

@@ -112,15 +112,18 @@ def _lib() -> ctypes.CDLL | None:
     c_int = ctypes.c_int
     for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16):
         fn.argtypes = [_P, _I, _I, _I, _I, c_int, _P, _P]
-    lib.cbf_bf16_keys.argtypes = [_P, _I, _I, _I, _I, c_int, _P, _P, _P, _P]
+    lib.cbf_bf16_keys.argtypes = [_P, _I, _I, _I, _I, c_int, _I, _I, _P, _P, _P, _P]
     f32 = ctypes.c_float
     lib.cbf_screen_rows.argtypes = [_P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, c_int,
                                     f32, f32, f32, c_int, _P, _P, _P, _P]
+    lib.cbf_amx_screen.argtypes = [_I, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, c_int, _P,
+                                   _P, _P, c_int, _P, _P, _P, _P]
+    lib.cbf_amx_enable.restype = c_int
     lib.cbf_sq_dist.argtypes = [_P, _P, _I, _I]
     lib.cbf_sq_dist.restype = ctypes.c_double
     lib.cbf_scatter_slots.argtypes = [_P, _P, _I, _P, _P, _P, _I, _I, f32, f32]
     for fn in (lib.cbf_topm_f32, lib.cbf_topm_i16, lib.cbf_bf16_keys, lib.cbf_screen_rows,
-               lib.cbf_scatter_slots):
+               lib.cbf_amx_screen, lib.cbf_scatter_slots):
         fn.restype = None
     return lib
 
@@ -199,17 +202,60 @@ def topk_rows(s: Tensor, k: int, values: Tensor | None = None, indices: Tensor |
     return values, indices
 
 
-def bf16_keys(book: Tensor, unit: bool, kbt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def bf16_keys(book: Tensor, unit: bool, kb: Tensor, tiles: bool = False,
+              ) -> tuple[Tensor, Tensor, Tensor]:
     """The bfloat16 screen's keys: ``key = book * scale`` (``scale = 1/|code|`` when ``unit``,
-    else 1) written transposed as bfloat16 into ``kbt`` ``(G, dg, C)``; returns ``scale``,
-    ``|key - bf16(key)|`` and ``|key|``, each ``(G, C)`` float32. ``book`` is a contiguous
-    float32 ``(G, C, dg)`` CPU tensor."""
+    else 1) written as bfloat16 into ``kb``: transposed ``(G, dg, C)`` for a bfloat16 ``mm``,
+    or with ``tiles`` as AMX tiles (:func:`amx_tiles` gives the shape; padding is zeroed).
+    Returns ``scale``, ``|key - bf16(key)|`` and ``|key|``, each ``(G, C)`` float32. ``book`` is
+    a contiguous float32 ``(G, C, dg)`` CPU tensor."""
     g, c, dg = book.shape
+    ncb, nq = _tile_blocks(c, dg) if tiles else (0, 0)
     scale, dk, kn = torch.empty(3, g, c)
-    ptrs = [t.data_ptr() for t in (book, kbt, scale, dk, kn)]
-    _parallel(lambda r0, r1: _lib().cbf_bf16_keys(ptrs[0], r0, r1, c, dg, int(unit), *ptrs[1:]),
-              g * c)
+    ptrs = [t.data_ptr() for t in (book, kb, scale, dk, kn)]
+    _parallel(lambda r0, r1: _lib().cbf_bf16_keys(ptrs[0], r0, r1, c, dg, int(unit), ncb, nq,
+                                                  *ptrs[1:]),
+              g * (ncb * 16 if tiles else c))
     return scale, dk, kn
+
+
+@functools.cache
+def _amx_enabled() -> bool:
+    return available() and bool(_lib().cbf_amx_enable())
+
+
+def amx() -> bool:
+    """Whether the screen can score codes with AMX tiles here (the kernel was built for a CPU
+    with AMX-BF16, Linux granted the tile state, and ``CODEBOOK_FEATURES_AMX`` is not 0)."""
+    return os.environ.get("CODEBOOK_FEATURES_AMX", "1") != "0" and _amx_enabled()
+
+
+def _tile_blocks(c: int, dg: int) -> tuple[int, int]:
+    return -(-c // 16), -(-dg // 32)
+
+
+def amx_tiles(g: int, c: int, dg: int) -> tuple[int, ...]:
+    """The shape of the AMX key tiles for :func:`bf16_keys` ``(tiles=True)``: per group, code
+    blocks of 16 by dimension blocks of 32, 512 bfloat16 each (pairs of dimensions adjacent)."""
+    ncb, nq = _tile_blocks(c, dg)
+    return (g, ncb, nq, 512)
+
+
+def amx_screen(x: Tensor, kb: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None,
+               k: int, kmax: Tensor, dkmax: Tensor, bmax: Tensor | None, extra_ulps: int,
+               codes: Tensor, scores: Tensor, ok: Tensor, norms: Tensor) -> None:
+    """The certified screen with scores made by AMX tiles (``cbf_amx_screen``): every token
+    of ``x`` ``(N, G, dg)`` in every group against the key tiles ``kb``; outputs as
+    :func:`screen_rows`. ``kmax``, ``dkmax``, ``bmax``: float32 ``(G,)`` per-group bounds."""
+    n, g, dg = x.shape
+    c = book.shape[1]
+    if not 1 <= k <= min(16, c):
+        raise ValueError(f"the AMX screen takes 1 <= k <= min(16, C): k={k}, C={c}")
+    ncb, nq = _tile_blocks(c, dg)
+    ptrs = (x.data_ptr(), g, dg, c, ncb, nq, kb.data_ptr(), book.data_ptr(), _ptr(scale),
+            _ptr(bias), k, kmax.data_ptr(), dkmax.data_ptr(), _ptr(bmax), extra_ulps,
+            codes.data_ptr(), scores.data_ptr(), ok.data_ptr(), norms.data_ptr())
+    _parallel(lambda r0, r1: _lib().cbf_amx_screen(r0, r1, *ptrs), n, 16)
 
 
 def screen_rows(s: Tensor, n0: int, group: int, x: Tensor, book: Tensor, scale: Tensor | None,

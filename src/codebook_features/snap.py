@@ -518,8 +518,10 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
                             chunk_mib: float, ws: Workspace | None = None,
                             ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The certified bfloat16 screen with the compiled kernel (the bound of
-    :func:`_search_screened`): per group and token block a bfloat16 ``mm``, then per token one
-    compiled pass that finds the k-th best screen score, re-scores exactly every code within
+    :func:`_search_screened`). Screen scores come from AMX tiles inside the kernel, 16 tokens
+    at a time (:func:`kernels.amx_screen`: no score matrix, no bfloat16 copies of the inputs),
+    or else from a bfloat16 ``mm`` per group and token block; then per token one
+    compiled pass finds the k-th best screen score, re-scores exactly every code within
     twice the token's error bound of it (usually k plus a few: the shortlist adapts to how
     close the scores are) and certifies the result. Cosine never forms unit keys in float32:
     exact scores are ``(x . code) / |code|``. Returns codes, ranking scores and ``|x|``
@@ -530,9 +532,57 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
         return (*_search_scaled(x, codebook, _inv_norms(codebook, similarity),
                                 _bias(codebook, similarity), k, chunk_mib), None)
     book = codebook.contiguous()
+    x = x.contiguous()
     bf16 = torch.empty(0, dtype=torch.bfloat16)
+    cos = similarity == "cosine"
+    codes = torch.empty(n, g, k, dtype=torch.long)
+    v = torch.empty(n, g, k)
+    ok = torch.empty(n, g, dtype=torch.uint8)
+    norms = torch.empty(n, g)
+    tol = 1 + 1e-6  # the float32 roundings of the norms
+    if _amx_fits(g, num_codes, dg, k):  # scores made by AMX tiles, 16 tokens at a time
+        kb = _scratch(ws, "kb_tiles", kernels.amx_tiles(g, num_codes, dg), bf16)
+        scale, dk, kn = kernels.bf16_keys(book, cos, kb, tiles=True)
+        scale_or_none = scale if cos else None
+        bias = -0.5 * kn * kn if similarity == "euclidean" else None
+        kernels.amx_screen(x, kb, book, scale_or_none, bias, k, kn.amax(-1) * tol,
+                           dk.amax(-1) * tol, None if bias is None else bias.abs().amax(-1) * tol,
+                           4 if cos else 1, codes, v, ok, norms)
+    else:
+        scale_or_none, bias = _screen_mm(x, book, k, similarity, chunk_mib, ws, codes, v, ok,
+                                         norms)
+    certified = ok.bool().all(-1)
+    if not bool(certified.all()):  # rare: redo the tokens the bound cannot certify exactly
+        redo = (~certified).nonzero().squeeze(-1)
+        codes[redo], v[redo] = _redo(x[redo], book, scale_or_none, bias, k, chunk_mib)
+    return codes, v, norms
+
+
+AMX_KEY_BYTES = 512 << 10
+"""The AMX screen streams every key of a group past each 16 tokens: measured faster than the
+bfloat16 ``mm`` while a group's key tiles (``C x dg`` bfloat16, padded) stay in L2, slower at
+C = 10000, dg >= 64 (``benchmarks/snap.py``)."""
+
+
+def _amx_fits(g: int, c: int, dg: int, k: int) -> bool:
+    """Whether the screen scores with AMX tiles: AMX is usable, a group's key tiles fit
+    :data:`AMX_KEY_BYTES`, and k <= 16 (its threshold comes from 64 lane maxima)."""
+    _, ncb, nq, tile = kernels.amx_tiles(g, c, dg)
+    return k <= 16 and ncb * nq * tile * 2 <= AMX_KEY_BYTES and kernels.amx()
+
+
+def _screen_mm(x: Tensor, book: Tensor, k: int, similarity: str, chunk_mib: float,
+               ws: Workspace | None, codes: Tensor, v: Tensor, ok: Tensor, norms: Tensor,
+               ) -> tuple[Tensor | None, Tensor | None]:
+    """The screen's scores by a bfloat16 ``mm`` per group and token block, then the compiled
+    per-token pass on each block; fills the outputs and returns the cosine scale and the
+    euclidean bias (None where they do not apply)."""
+    n, g, dg = x.shape
+    num_codes = book.shape[1]
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+    cos = similarity == "cosine"
     kbt = _scratch(ws, "kbt", (g, dg, num_codes), bf16)
-    scale, dk, kn = kernels.bf16_keys(book, similarity == "cosine", kbt)
+    scale, dk, kn = kernels.bf16_keys(book, cos, kbt)
     bias = -0.5 * kn * kn if similarity == "euclidean" else None
     bias_b = None if bias is None else bias.to(torch.bfloat16)
     xbt = _scratch(ws, "xbt", (g, n, dg), bf16)
@@ -543,13 +593,7 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
     if chunk_mib >= 1.0:
         rows = max(rows, min(n, 256))
     buf = _scratch(ws, "scores_bf16", (rows * num_codes,), bf16)
-    x = x.contiguous()
-    cos = similarity == "cosine"
     scale_or_none = scale if cos else None
-    codes = torch.empty(n, g, k, dtype=torch.long)
-    v = torch.empty(n, g, k)
-    ok = torch.empty(n, g, dtype=torch.uint8)
-    norms = torch.empty(n, g)
     tol = 1 + 1e-6  # the float32 roundings of the norms
     kmax, dkmax = (kn.amax(-1) * tol).tolist(), (dk.amax(-1) * tol).tolist()
     bmax = [None] * g if bias is None else (bias.abs().amax(-1) * tol).tolist()
@@ -564,11 +608,7 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
             kernels.screen_rows(s.view(torch.int16), start, gi, x, book, scale_or_none, bias, k,
                                 kmax[gi], dkmax[gi], bmax[gi], 4 if cos else 1, codes, v, ok,
                                 norms)
-    certified = ok.bool().all(-1)
-    if not bool(certified.all()):  # rare: redo the tokens the bound cannot certify exactly
-        redo = (~certified).nonzero().squeeze(-1)
-        codes[redo], v[redo] = _redo(x[redo], book, scale_or_none, bias, k, chunk_mib)
-    return codes, v, norms
+    return scale_or_none, bias
 
 
 def _redo(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, k: int,

@@ -13,6 +13,8 @@
 #include <climits>
 #include <cstdint>
 #include <vector>
+#include <sys/syscall.h>
+#include <unistd.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define CBF_AVX512 1
@@ -291,45 +293,15 @@ void norms(const float* x, int64_t n, double* xx, double* dd) {
   *dd = sd;
 }
 
-}  // namespace
-
-extern "C" {
-// The screen's bfloat16 keys: key = book[g, c] * scale[g, c] with scale = 1 / |book[g, c]|
-// (unit, for cosine) or 1, written transposed as bfloat16 bits into kbt (G, dg, C), with
-// scale, |key - bf16(key)| (dk) and |key| (kn), all (G, C), for the certificate.
-void cbf_bf16_keys(const float* book, int64_t r0, int64_t r1, int64_t c, int64_t dg, int unit,
-                   uint16_t* kbt, float* scale, float* dk, float* kn) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t gi = r / c, ci = r % c;
-    const float* row = book + r * dg;
-    double nn = 0;
-    for (int64_t i = 0; i < dg; ++i) nn += double(row[i]) * row[i];
-    const float s = unit ? float(1.0 / std::max(__builtin_sqrt(nn), 1e-12)) : 1.f;
-    double kk = 0, dd = 0;
-    uint16_t* out = kbt + gi * dg * c + ci;
-    for (int64_t i = 0; i < dg; ++i) {
-      const float v = row[i] * s;
-      const float b = bf16_round(v);
-      uint32_t bits;
-      __builtin_memcpy(&bits, &b, 4);
-      out[i * c] = uint16_t(bits >> 16);
-      kk += double(v) * v;
-      dd += (double(v) - b) * (double(v) - b);
-    }
-    scale[r] = s;
-    kn[r] = float(__builtin_sqrt(kk));
-    dk[r] = float(__builtin_sqrt(dd));
-  }
-}
-
-// The certified bfloat16 screen, one group's block of rows. Row r of `s` (bfloat16 scores as
-// int16 bits, row stride ld) belongs to token n0 + r of group gi; x is (N, G, dg) float32 and
-// the exact ranking score of a code is (x . book[gi, code]) * scale + bias (scale, bias: null
-// for 1, 0). Per row: err bounds |exact - screen score| (rounding of x, of the keys, float32
-// accumulation; as snap._certified); thr is the k-th best screen score; every code scoring
-// >= thr - 2.2 err - 4u|thr| is re-scored exactly (at most kMaxWindow of them), the k best go
-// to codes/scores (N, G, k), |x[n, g]| to xnorm (N, G), and ok[n, g] = 1 when the k-th exact score beats the best code
-// left out by more than the bound (else the caller searches the token again exactly).
+// The certified screen of one token. row: its C screen scores, bfloat16 (I16: bits as int16)
+// or float32 (F32); the exact ranking score of a code is (x . book[gi, code]) * scale + bias
+// (scale, bias: null for 1, 0). err bounds |exact - screen score| (rounding of x and of the
+// keys to bfloat16, float32 accumulation, flushed subnormals; as snap._certified); thr is the
+// k-th best screen score; every code scoring >= thr - 2.2 err - 4 ou |thr| (ou: the rounding
+// unit of the scores) is re-scored exactly (at most kMaxWindow of them), the k best go to
+// codes/scores (N, G, k) at row o, |x| to xnorm[o], and ok[o] = 1 when the k-th exact score
+// beats the best code left out by more than the bound (else the caller searches the token
+// again exactly).
 constexpr int kMaxWindow = 256;
 constexpr double kU = 1.0 / 256, kU32 = 1.0 / 16777216;
 
@@ -340,89 +312,397 @@ float bf16_bits_value(int16_t b) {
   return v;
 }
 
+struct ScreenArgs {
+  int64_t c, g, dg;
+  const float* x;
+  const float* book;
+  const float* scale;
+  const float* bias;
+  int k;
+  int extra_ulps;
+  int64_t* codes;
+  float* scores;
+  uint8_t* ok;
+  float* xnorm;
+};
+
+template <class S>
+struct ScreenScratch {
+  Scratch<S> sc;
+  std::vector<int64_t> top;
+  std::vector<typename S::T> topv;
+  explicit ScreenScratch(int k) : top(k), topv(k) {}
+};
+
+
+// The bound on |exact - screen score| of one token (as snap._certified); |x| to xnorm[o].
+double screen_err(const float* xr, float kmax, float dkmax, float bmax, int64_t o,
+                  const ScreenArgs& a) {
+  const int64_t dg = a.dg;
+  double xx, dd;
+  norms(xr, dg, &xx, &dd);
+  a.xnorm[o] = float(__builtin_sqrt(xx));
+  // float32 sums of dg squares: relative error below dg * 2^-23 (+ the square root's).
+  const double slack = 1 + (dg + 4) * 1.2e-7;
+  const double xn = __builtin_sqrt(xx) * slack, dx = __builtin_sqrt(dd) * slack;
+  double err = dx * kmax + xn * (1 + kU) * dkmax +
+               (2.0 * dg + a.extra_ulps) * kU32 * xn * kmax * (1 + kU) * (1 + kU) +
+               (dg + 1) * 1.2e-38 * (1 + xn + kmax);  // subnormals flushed by the hardware
+  if (bmax >= 0) err += 3 * kU * bmax + 2 * kU * (xn * kmax + bmax);
+  return err;
+}
+
+// Re-score the n window codes exactly, keep the k best, and certify them: ok[o] = 1 when the
+// k-th exact score beats `left` (the best screen score outside the window) by the bound.
+void screen_finish(const int32_t* win, int n, double err, double left, double ou, int64_t o,
+                   int64_t gi, const float* xr, const ScreenArgs& a) {
+  const int k = a.k;
+  float exact[kMaxWindow];
+  int order[kMaxWindow];
+  for (int q = 0; q < n; ++q) {
+    const int64_t code = gi * a.c + win[q];
+    float v = dot(xr, a.book + code * a.dg, a.dg);
+    if (a.scale) v *= a.scale[code];
+    if (a.bias) v += a.bias[code];
+    exact[q] = v;
+    order[q] = q;
+  }
+  auto better = [&](int p, int q) {
+    return exact[p] > exact[q] || (exact[p] == exact[q] && win[p] < win[q]);
+  };
+  std::partial_sort(order, order + k, order + n, better);
+  for (int q = 0; q < k; ++q) {
+    a.codes[o * k + q] = win[order[q]];
+    a.scores[o * k + q] = exact[order[q]];
+  }
+  const double bound = left > -__builtin_inf() ? left + 2 * ou * __builtin_fabs(left) : left;
+  a.ok[o] = exact[order[k - 1]] - 1.1 * err > bound;
+}
+
+// The certified screen of one token from a row of bfloat16 screen scores (bits as int16):
+// thr is the k-th best; every code scoring >= thr - 2.2 err - 4 u |thr| is re-scored
+// (at most kMaxWindow; more, a negative threshold or too few: ok[o] stays 0 and the caller
+// searches the token again exactly).
+void screen_one(const int16_t* row, int64_t o, int64_t gi, float kmax, float dkmax, float bmax,
+                const ScreenArgs& a, ScreenScratch<I16>& ss) {
+  const int64_t c = a.c;
+  const int k = a.k;
+  const float* xr = a.x + o * a.dg;
+  int32_t win[kMaxWindow];
+  a.ok[o] = 0;
+  const double err = screen_err(xr, kmax, dkmax, bmax, o, a);
+  row_topm<I16>(row, c, k, ss.sc, ss.top.data(), ss.topv.data());  // k = 1: one-pass argmax
+  const double thr = bf16_bits_value(ss.topv[k - 1]);
+  const double cut = thr - 2.2 * err - 4 * kU * __builtin_fabs(thr);
+  if (!(thr > 0) || !(cut > 0)) return;  // negative scores order backwards as bits: redo
+  // The smallest bfloat16 >= cut, as bits (cut > 0: round the float32 bits up).
+  const float cf = float(cut);
+  uint32_t cb;
+  __builtin_memcpy(&cb, &cf, 4);
+  const int16_t cut16 = int16_t((cb >> 16) + ((cb & 0xFFFFu) ? 1 : 0));
+  int n = 0;
+  bool overflow = false;
+  int16_t left = INT16_MIN;  // best screen score left out
+  int64_t i = 0;
+#if CBF_AVX512
+  const __m512i vc = _mm512_set1_epi16(cut16);
+  __m512i vl = _mm512_set1_epi16(INT16_MIN);
+  for (; i + 32 <= c; i += 32) {
+    const __m512i v = _mm512_loadu_si512(row + i);
+    uint32_t in = _mm512_cmpge_epi16_mask(v, vc);
+    vl = _mm512_mask_max_epi16(vl, __mmask32(~in), vl, v);
+    while (in) {
+      if (n == kMaxWindow) { overflow = true; break; }
+      win[n++] = int32_t(i + __builtin_ctz(in));
+      in &= in - 1;
+    }
+  }
+  alignas(64) int16_t lanes[32];
+  _mm512_store_si512(lanes, vl);
+  for (int l = 0; l < 32; ++l) left = std::max(left, lanes[l]);
+#endif
+  for (; i < c; ++i) {
+    if (row[i] >= cut16) {
+      if (n == kMaxWindow) { overflow = true; break; }
+      win[n++] = int32_t(i);
+    } else {
+      left = std::max(left, row[i]);
+    }
+  }
+  if (overflow || n < k) return;
+  screen_finish(win, n, err, left > 0 ? bf16_bits_value(left) : 0.0, kU, o, gi, xr, a);
+}
+
+#if CBF_AVX512
+// The certified screen of one token from a row of float32 screen scores (the AMX path) and
+// its 64 lane maxima (lane l: the best of codes 64 j + l), taken while the scores were made.
+// The k-th best lane maximum t is at most the k-th best score, so one compare pass against
+// t - 2.2 err - 4 u |t| collects every code of the window and a few more; the true k-th best
+// then gives the final cut.
+void screen_lanes(const float* row, const float* lanes, int64_t o, int64_t gi, double err,
+                  const ScreenArgs& a) {
+  const int64_t c = a.c;
+  const int k = a.k;
+  a.ok[o] = 0;
+  float t;  // the k-th best lane maximum
+  if (k == 1) {
+    const __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_load_ps(lanes), _mm512_load_ps(lanes + 16)),
+                                   _mm512_max_ps(_mm512_load_ps(lanes + 32), _mm512_load_ps(lanes + 48)));
+    t = _mm512_reduce_max_ps(m);
+  } else {
+    float lv[64];
+    std::copy(lanes, lanes + 64, lv);
+    std::nth_element(lv, lv + (k - 1), lv + 64, [](float p, float q) { return p > q; });
+    t = lv[k - 1];
+  }
+  auto cut_of = [&](double t) {
+    const double cut = t - 2.2 * err - 4 * kU32 * __builtin_fabs(t);
+    float f = float(cut);
+    if (double(f) > cut) f = __builtin_nextafterf(f, -__builtin_inff());
+    return f;
+  };
+  if (!(t == t) || !(err == err)) return;  // NaN: redo
+  const float cut0 = cut_of(t);
+  int32_t win[kMaxWindow];
+  float val[kMaxWindow];
+  int n = 0;
+  const __m512 vc = _mm512_set1_ps(cut0);
+  __m512 vl = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t i = 0; i < c; i += 16) {
+    const int64_t rest = c - i;
+    const __mmask16 valid = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, row + i);
+    uint32_t in = _mm512_mask_cmp_ps_mask(valid, v, vc, _CMP_GE_OQ);
+    vl = _mm512_mask_max_ps(vl, __mmask16(valid & ~in), vl, v);
+    while (in) {
+      if (n == kMaxWindow) return;  // too many close scores: redo
+      const int l = __builtin_ctz(in);
+      win[n] = int32_t(i + l);
+      val[n++] = row[i + l];
+      in &= in - 1;
+    }
+  }
+  if (n < k) return;
+  float kth = t;
+  if (k > 1) {  // k = 1: the best lane maximum is the best score
+    float tmp[kMaxWindow];
+    std::copy(val, val + n, tmp);
+    std::nth_element(tmp, tmp + (k - 1), tmp + n, [](float p, float q) { return p > q; });
+    kth = tmp[k - 1];
+  }
+  const float cut = std::max(cut0, cut_of(kth));
+  float left = _mm512_reduce_max_ps(vl);
+  int m = 0;
+  for (int q = 0; q < n; ++q) {
+    if (val[q] >= cut) win[m++] = win[q];
+    else left = std::max(left, val[q]);
+  }
+  screen_finish(win, m, err, left, kU32, o, gi, a.x + o * a.dg, a);
+}
+#endif
+
+#if CBF_AVX512
+// x row (dg floats) -> n bfloat16 bits (round to nearest even, as bf16_round; zero past dg).
+void to_bf16(const float* x, int64_t dg, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  const __m512i one = _mm512_set1_epi32(1), round = _mm512_set1_epi32(0x7FFF);
+  for (; i + 16 <= dg; i += 16) {
+    const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, round), lsb), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < dg; ++i) {
+    const float v = bf16_round(x[i]);
+    uint32_t bits;
+    __builtin_memcpy(&bits, &v, 4);
+    out[i] = uint16_t(bits >> 16);
+  }
+  for (; i < n; ++i) out[i] = 0;
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+// The screen's bfloat16 keys: key = book[g, c] * scale[g, c] with scale = 1 / |book[g, c]|
+// (unit, for cosine) or 1, as bfloat16 bits, with scale, |key - bf16(key)| (dk) and |key| (kn),
+// all (G, C), for the certificate. Layout: ncb = 0 writes them transposed into kb (G, dg, C)
+// (for a bfloat16 mm); ncb > 0 writes AMX tiles: kb (G, ncb, nq, 16, 16, 2), code blocks of 16
+// by dimension blocks of 32 in pairs (VNNI), zero where a block passes the last code or
+// dimension. Rows r0..r1 count codes per group: C of them, or ncb * 16 with the padding.
+void cbf_bf16_keys(const float* book, int64_t r0, int64_t r1, int64_t c, int64_t dg, int unit,
+                   int64_t ncb, int64_t nq, uint16_t* kb, float* scale, float* dk, float* kn) {
+  const int64_t per = ncb ? ncb * 16 : c;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t gi = r / per, ci = r % per;
+    auto at = [&](int64_t i) -> uint16_t& {  // where dimension i of this code goes
+      if (!ncb) return kb[(gi * dg + i) * c + ci];
+      const int64_t tile = (gi * ncb + ci / 16) * nq + i / 32;
+      return kb[((tile * 16 + (i % 32) / 2) * 16 + ci % 16) * 2 + (i & 1)];
+    };
+    if (ci >= c) {  // padding code
+      for (int64_t i = 0; i < nq * 32; ++i) at(i) = 0;
+      continue;
+    }
+    const float* row = book + (gi * c + ci) * dg;
+    double nn = 0;
+    for (int64_t i = 0; i < dg; ++i) nn += double(row[i]) * row[i];
+    const float s = unit ? float(1.0 / std::max(__builtin_sqrt(nn), 1e-12)) : 1.f;
+    double kk = 0, dd = 0;
+    for (int64_t i = 0; i < dg; ++i) {
+      const float v = row[i] * s;
+      const float b = bf16_round(v);
+      uint32_t bits;
+      __builtin_memcpy(&bits, &b, 4);
+      at(i) = uint16_t(bits >> 16);
+      kk += double(v) * v;
+      dd += (double(v) - b) * (double(v) - b);
+    }
+    if (ncb)
+      for (int64_t i = dg; i < nq * 32; ++i) at(i) = 0;
+    const int64_t o = gi * c + ci;
+    scale[o] = s;
+    kn[o] = float(__builtin_sqrt(kk));
+    dk[o] = float(__builtin_sqrt(dd));
+  }
+}
+
+// The certified screen over a block of bfloat16 scores `s` (int16 bits, row stride ld) from a
+// bfloat16 mm: row r is token n0 + r of group gi; x is (N, G, dg) float32 and book (G, C, dg).
+// kmax, dkmax, bmax: the group's max key norm, key rounding error and |bias| (bmax < 0: none).
 void cbf_screen_rows(const int16_t* s, int64_t r0, int64_t r1, int64_t ld, int64_t c,
                      int64_t n0, int64_t gi, const float* x, int64_t g, int64_t dg,
                      const float* book, const float* scale, const float* bias, int k,
                      float kmax, float dkmax, float bmax, int extra_ulps, int64_t* codes,
                      float* scores, uint8_t* ok, float* xnorm) {
-  Scratch<I16> sc;
-  std::vector<int64_t> top(k);
-  std::vector<int16_t> topv(k);
-  int32_t win[kMaxWindow];
-  float exact[kMaxWindow];
-  int order[kMaxWindow];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int16_t* row = s + r * ld;
-    const int64_t o = (n0 + r) * g + gi;  // the (N, G) row
-    const float* xr = x + o * dg;
-    ok[o] = 0;
-    double xx, dd;
-    norms(xr, dg, &xx, &dd);
-    xnorm[o] = float(__builtin_sqrt(xx));
-    // float32 sums of dg squares: relative error below dg * 2^-23 (+ the square root's).
-    const double slack = 1 + (dg + 4) * 1.2e-7;
-    const double xn = __builtin_sqrt(xx) * slack, dx = __builtin_sqrt(dd) * slack;
-    double err = dx * kmax + xn * (1 + kU) * dkmax +
-                 (2.0 * dg + extra_ulps) * kU32 * xn * kmax * (1 + kU) * (1 + kU);
-    if (bmax >= 0) err += 3 * kU * bmax + 2 * kU * (xn * kmax + bmax);
-    row_topm<I16>(row, c, k, sc, top.data(), topv.data());  // k = 1: a one-pass argmax
-    const double thr = bf16_bits_value(topv[k - 1]);
-    const double cut = thr - 2.2 * err - 4 * kU * __builtin_fabs(thr);
-    if (!(thr > 0) || !(cut > 0)) continue;  // negative scores order backwards as bits: redo
-    // The smallest bfloat16 >= cut, as bits (cut > 0: round the float32 bits up).
-    const float cf = float(cut);
-    uint32_t cb;
-    __builtin_memcpy(&cb, &cf, 4);
-    const int16_t cut16 = int16_t((cb >> 16) + ((cb & 0xFFFFu) ? 1 : 0));
-    int n = 0;
-    bool overflow = false;
-    int16_t left = INT16_MIN;  // best screen score left out
-    int64_t i = 0;
-#if CBF_AVX512
-    const __m512i vc = _mm512_set1_epi16(cut16);
-    __m512i vl = _mm512_set1_epi16(INT16_MIN);
-    for (; i + 32 <= c; i += 32) {
-      const __m512i v = _mm512_loadu_si512(row + i);
-      uint32_t in = _mm512_cmpge_epi16_mask(v, vc);
-      vl = _mm512_mask_max_epi16(vl, __mmask32(~in), vl, v);
-      while (in) {
-        if (n == kMaxWindow) { overflow = true; break; }
-        win[n++] = int32_t(i + __builtin_ctz(in));
-        in &= in - 1;
-      }
-    }
-    alignas(64) int16_t lanes[32];
-    _mm512_store_si512(lanes, vl);
-    for (int l = 0; l < 32; ++l) left = std::max(left, lanes[l]);
+  const ScreenArgs a{c, g, dg, x, book, scale, bias, k, extra_ulps, codes, scores, ok, xnorm};
+  ScreenScratch<I16> ss(k);
+  for (int64_t r = r0; r < r1; ++r) screen_one(s + r * ld, (n0 + r) * g + gi, gi, kmax, dkmax, bmax, a, ss);
+}
+
+#if CBF_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define CBF_AMX 1
+#else
+#define CBF_AMX 0
 #endif
-    for (; i < c; ++i) {
-      if (row[i] >= cut16) {
-        if (n == kMaxWindow) { overflow = true; break; }
-        win[n++] = int32_t(i);
-      } else {
-        left = std::max(left, row[i]);
-      }
-    }
-    if (overflow || n < k) continue;
-    for (int q = 0; q < n; ++q) {
-      const int64_t code = gi * c + win[q];
-      float v = dot(xr, book + code * dg, dg);
-      if (scale) v *= scale[code];
-      if (bias) v += bias[code];
-      exact[q] = v;
-      order[q] = q;
-    }
-    auto better = [&](int a, int b) {
-      return exact[a] > exact[b] || (exact[a] == exact[b] && win[a] < win[b]);
-    };
-    std::partial_sort(order, order + k, order + n, better);
-    for (int q = 0; q < k; ++q) {
-      codes[o * k + q] = win[order[q]];
-      scores[o * k + q] = exact[order[q]];
-    }
-    const double bound = left > 0 ? bf16_bits_value(left) : 0.0;
-    ok[o] = exact[order[k - 1]] - 1.1 * err > bound + 2 * kU * bound;
+
+// Ask Linux for the AMX tile state (once per process is enough); 1 when AMX can run.
+int cbf_amx_enable() {
+#if CBF_AMX
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+  return 0;
+#endif
+}
+
+// The certified screen with the screen scores made in place by AMX: tokens r0..r1 of x
+// (N, G, dg), 16 at a time, every group; keys kb from cbf_bf16_keys with ncb > 0. Per block and
+// group: the 16 tokens in bfloat16 (A tiles), every code block's float32 scores (16 x 16 per
+// tile, 4 code blocks per A load) into a 16 x ncb*16 buffer that stays in L2, the bias added in
+// float32, then screen_one per token. kmax, dkmax, bmax: per group (bmax null: no bias).
+void cbf_amx_screen(int64_t r0, int64_t r1, const float* x, int64_t g, int64_t dg, int64_t c,
+                    int64_t ncb, int64_t nq, const uint16_t* kb, const float* book,
+                    const float* scale, const float* bias, int k, const float* kmax,
+                    const float* dkmax, const float* bmax, int extra_ulps, int64_t* codes,
+                    float* scores, uint8_t* ok, float* xnorm) {
+#if CBF_AMX
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
   }
+  _tile_loadconfig(&cfg);
+  const ScreenArgs a{c, g, dg, x, book, scale, bias, k, extra_ulps, codes, scores, ok, xnorm};
+  const int64_t kw = nq * 32, cp = ncb * 16;  // padded width and codes
+  std::vector<uint16_t> at(16 * kw);
+  std::vector<float> sb(16 * cp);  // 16 tokens' scores, in L1/L2
+  alignas(64) float lanes[16 * 64];  // per token: maxima of the 64 code lanes
+  double err[16];
+  uint16_t* ap = at.data();
+  float* sp = sb.data();
+  const int64_t lda = kw * 2, ldc = cp * 4, tile = 16 * 32;  // strides in bytes; tile in bf16
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t t0 = r0; t0 < r1; t0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, r1 - t0);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t o = (t0 + i) * g + gi;
+        if (i < rows) {
+          to_bf16(x + o * dg, dg, kw, ap + i * kw);
+          err[i] = screen_err(x + o * dg, kmax[gi], dkmax[gi], bmax ? bmax[gi] : -1.f, o, a);
+        } else {
+          std::fill(ap + i * kw, ap + (i + 1) * kw, uint16_t(0));
+        }
+        for (int v = 0; v < 4; ++v) _mm512_store_ps(lanes + i * 64 + 16 * v, ninf);
+      }
+      const uint16_t* kg = kb + gi * ncb * nq * tile;
+      const float* bg = bias ? bias + gi * c : nullptr;
+      for (int64_t cb = 0; cb < ncb; cb += 4) {
+        const int64_t nb = std::min<int64_t>(4, ncb - cb);
+        float* out = sp + cb * 16;
+        if (nb == 4) {
+          _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+          for (int64_t q = 0; q < nq; ++q) {
+            _tile_loadd(4, ap + q * 32, lda);
+            _tile_loadd(5, kg + ((cb + 0) * nq + q) * tile, 64);
+            _tile_loadd(6, kg + ((cb + 1) * nq + q) * tile, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(7, kg + ((cb + 2) * nq + q) * tile, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, kg + ((cb + 3) * nq + q) * tile, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+          _tile_stored(0, out, ldc);
+          _tile_stored(1, out + 16, ldc);
+          _tile_stored(2, out + 32, ldc);
+          _tile_stored(3, out + 48, ldc);
+        } else {
+          for (int64_t j = 0; j < nb; ++j) {
+            _tile_zero(0);
+            for (int64_t q = 0; q < nq; ++q) {
+              _tile_loadd(4, ap + q * 32, lda);
+              _tile_loadd(5, kg + ((cb + j) * nq + q) * tile, 64);
+              _tile_dpbf16ps(0, 4, 5);
+            }
+            _tile_stored(0, out + 16 * j, ldc);
+          }
+        }
+        // While the chunk is in L1: the bias, and each token's lane maxima.
+        const int64_t base = cb * 16;
+        const int64_t count = std::min<int64_t>(nb * 16, c - base);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* row = out + i * cp;
+          float* ln = lanes + i * 64;
+          for (int64_t v = 0; v * 16 < count; ++v) {
+            const int64_t rest = count - 16 * v;
+            const __mmask16 valid = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1);
+            __m512 sv = _mm512_loadu_ps(row + 16 * v);
+            if (bg) {
+              sv = _mm512_add_ps(sv, _mm512_maskz_loadu_ps(valid, bg + base + 16 * v));
+              _mm512_storeu_ps(row + 16 * v, sv);
+            }
+            _mm512_store_ps(ln + 16 * v, _mm512_mask_max_ps(_mm512_load_ps(ln + 16 * v), valid,
+                                                            _mm512_load_ps(ln + 16 * v), sv));
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        screen_lanes(sp + i * cp, lanes + i * 64, (t0 + i) * g + gi, gi, err[i], a);
+    }
+  }
+  _tile_release();
+#else
+  (void)r0; (void)r1; (void)x; (void)g; (void)dg; (void)c; (void)ncb; (void)nq; (void)kb;
+  (void)book; (void)scale; (void)bias; (void)k; (void)kmax; (void)dkmax; (void)bmax;
+  (void)extra_ulps; (void)codes; (void)scores; (void)ok; (void)xnorm;
+#endif
 }
 
 // sum over elements [e0, e1) of (a - b)^2, accumulated in double per 16 lanes.
