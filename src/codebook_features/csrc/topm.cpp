@@ -435,28 +435,32 @@ void screen_one(const int16_t* row, int64_t o, int64_t gi, float kmax, float dkm
 
 #if CBF_AVX512
 // The certified screen of one token from a row of float32 screen scores (the AMX path) and
-// its 64 lane maxima (lane l: the best of codes 64 j + l), taken while the scores were made.
-// The k-th best lane maximum t is at most the k-th best score, so one compare pass against
-// t - 2.2 err - 4 u |t| collects every code of the window and a few more; the true k-th best
-// then gives the final cut.
-void screen_lanes(const float* row, const float* lanes, int64_t o, int64_t gi, double err,
-                  const ScreenArgs& a) {
+// its chunk maxima: cm[j] holds, lane by lane, the best of the 4 score vectors of codes
+// 64 j .. 64 j + 63, taken while the tiles landed. The k-th best of (disjoint) maxima, t, is
+// at most the k-th best score, so every code within t - 2.2 err - 4 u |t| is collected (and
+// a few more), scanning only the chunks whose maxima reach that cut; the true k-th best then
+// gives the final cut. Skipped chunks' maxima bound the best score left out.
+void screen_chunks(const float* row, const float* cm, int64_t chunks, int64_t o, int64_t gi,
+                   double err, const ScreenArgs& a) {
   const int64_t c = a.c;
   const int k = a.k;
   a.ok[o] = 0;
-  float t;  // the k-th best lane maximum
+  float t;  // the k-th best of disjoint maxima
   if (k == 1) {
-    const __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_load_ps(lanes), _mm512_load_ps(lanes + 16)),
-                                   _mm512_max_ps(_mm512_load_ps(lanes + 32), _mm512_load_ps(lanes + 48)));
+    __m512 m = _mm512_load_ps(cm);
+    for (int64_t j = 1; j < chunks; ++j) m = _mm512_max_ps(m, _mm512_load_ps(cm + 16 * j));
     t = _mm512_reduce_max_ps(m);
-  } else {
-    float lv[64];
-    std::copy(lanes, lanes + 64, lv);
+  } else {  // 64 lanes: chunk j's maxima go to lanes 16 (j % 4) ..
+    __m512 m[4];
+    for (int p = 0; p < 4; ++p) m[p] = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j = 0; j < chunks; ++j) m[j % 4] = _mm512_max_ps(m[j % 4], _mm512_load_ps(cm + 16 * j));
+    alignas(64) float lv[64];
+    for (int p = 0; p < 4; ++p) _mm512_store_ps(lv + 16 * p, m[p]);
     std::nth_element(lv, lv + (k - 1), lv + 64, [](float p, float q) { return p > q; });
     t = lv[k - 1];
   }
-  auto cut_of = [&](double t) {
-    const double cut = t - 2.2 * err - 4 * kU32 * __builtin_fabs(t);
+  auto cut_of = [&](double v) {
+    const double cut = v - 2.2 * err - 4 * kU32 * __builtin_fabs(v);
     float f = float(cut);
     if (double(f) > cut) f = __builtin_nextafterf(f, -__builtin_inff());
     return f;
@@ -468,23 +472,30 @@ void screen_lanes(const float* row, const float* lanes, int64_t o, int64_t gi, d
   int n = 0;
   const __m512 vc = _mm512_set1_ps(cut0);
   __m512 vl = _mm512_set1_ps(-__builtin_inff());
-  for (int64_t i = 0; i < c; i += 16) {
-    const int64_t rest = c - i;
-    const __mmask16 valid = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(valid, row + i);
-    uint32_t in = _mm512_mask_cmp_ps_mask(valid, v, vc, _CMP_GE_OQ);
-    vl = _mm512_mask_max_ps(vl, __mmask16(valid & ~in), vl, v);
-    while (in) {
-      if (n == kMaxWindow) return;  // too many close scores: redo
-      const int l = __builtin_ctz(in);
-      win[n] = int32_t(i + l);
-      val[n++] = row[i + l];
-      in &= in - 1;
+  for (int64_t j = 0; j < chunks; ++j) {
+    const __m512 mj = _mm512_load_ps(cm + 16 * j);
+    if (!_mm512_cmp_ps_mask(mj, vc, _CMP_GE_OQ)) {  // nothing here reaches the cut
+      vl = _mm512_max_ps(vl, mj);
+      continue;
+    }
+    for (int64_t i = 64 * j; i < std::min(c, 64 * j + 64); i += 16) {
+      const int64_t rest = c - i;
+      const __mmask16 valid = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, row + i);
+      uint32_t in = _mm512_mask_cmp_ps_mask(valid, v, vc, _CMP_GE_OQ);
+      vl = _mm512_mask_max_ps(vl, __mmask16(valid & ~in), vl, v);
+      while (in) {
+        if (n == kMaxWindow) return;  // too many close scores: redo
+        const int l = __builtin_ctz(in);
+        win[n] = int32_t(i + l);
+        val[n++] = row[i + l];
+        in &= in - 1;
+      }
     }
   }
   if (n < k) return;
   float kth = t;
-  if (k > 1) {  // k = 1: the best lane maximum is the best score
+  if (k > 1) {  // k = 1: the best maximum is the best score
     float tmp[kMaxWindow];
     std::copy(val, val + n, tmp);
     std::nth_element(tmp, tmp + (k - 1), tmp + n, [](float p, float q) { return p > q; });
@@ -622,7 +633,9 @@ void cbf_amx_screen(int64_t r0, int64_t r1, const float* x, int64_t g, int64_t d
   const int64_t kw = nq * 32, cp = ncb * 16;  // padded width and codes
   std::vector<uint16_t> at(16 * kw);
   std::vector<float> sb(16 * cp);  // 16 tokens' scores, in L1/L2
-  alignas(64) float lanes[16 * 64];  // per token: maxima of the 64 code lanes
+  const int64_t chunks = (ncb + 3) / 4;  // of 64 codes
+  std::vector<float> cmax(16 * chunks * 16 + 16);  // per token and chunk: lane maxima
+  float* cm = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(cmax.data()) + 63) & ~uintptr_t(63));
   double err[16];
   uint16_t* ap = at.data();
   float* sp = sb.data();
@@ -639,7 +652,6 @@ void cbf_amx_screen(int64_t r0, int64_t r1, const float* x, int64_t g, int64_t d
         } else {
           std::fill(ap + i * kw, ap + (i + 1) * kw, uint16_t(0));
         }
-        for (int v = 0; v < 4; ++v) _mm512_store_ps(lanes + i * 64 + 16 * v, ninf);
       }
       const uint16_t* kg = kb + gi * ncb * nq * tile;
       const float* bg = bias ? bias + gi * c : nullptr;
@@ -674,12 +686,12 @@ void cbf_amx_screen(int64_t r0, int64_t r1, const float* x, int64_t g, int64_t d
             _tile_stored(0, out + 16 * j, ldc);
           }
         }
-        // While the chunk is in L1: the bias, and each token's lane maxima.
+        // While the chunk is in L1: the bias, and each token's maxima over the chunk.
         const int64_t base = cb * 16;
         const int64_t count = std::min<int64_t>(nb * 16, c - base);
         for (int64_t i = 0; i < rows; ++i) {
           float* row = out + i * cp;
-          float* ln = lanes + i * 64;
+          __m512 mx = ninf;
           for (int64_t v = 0; v * 16 < count; ++v) {
             const int64_t rest = count - 16 * v;
             const __mmask16 valid = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1);
@@ -688,13 +700,13 @@ void cbf_amx_screen(int64_t r0, int64_t r1, const float* x, int64_t g, int64_t d
               sv = _mm512_add_ps(sv, _mm512_maskz_loadu_ps(valid, bg + base + 16 * v));
               _mm512_storeu_ps(row + 16 * v, sv);
             }
-            _mm512_store_ps(ln + 16 * v, _mm512_mask_max_ps(_mm512_load_ps(ln + 16 * v), valid,
-                                                            _mm512_load_ps(ln + 16 * v), sv));
+            mx = _mm512_mask_max_ps(mx, valid, mx, sv);
           }
+          _mm512_store_ps(cm + (i * chunks + cb / 4) * 16, mx);
         }
       }
       for (int64_t i = 0; i < rows; ++i)
-        screen_lanes(sp + i * cp, lanes + i * 64, (t0 + i) * g + gi, gi, err[i], a);
+        screen_chunks(sp + i * cp, cm + i * chunks * 16, chunks, (t0 + i) * g + gi, gi, err[i], a);
     }
   }
   _tile_release();
