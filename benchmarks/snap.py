@@ -2,8 +2,9 @@
 
 Prints one JSON object per line: impl, N, d, C, k, G, dtype, fwd_ms, fwdbwd_ms (null for
 forward-only peers), peak_mib (peak resident memory above the inputs, in MiB, from a fresh
-process per peer, after one unmeasured step), floor_mib (the output and the input and codebook
-gradients, which every fwd+bwd peer holds at its peak), and ratios: ``naive_peak_x`` (naive
+process per peer, after one unmeasured step), floor_mib (the sizes of the step's output, input
+gradient and codebook gradient together: what a fwd+bwd step hands back, for scale; a peer may
+peak lower where the allocator reuses one's memory for another), and ratios: ``naive_peak_x`` (naive
 peak over this one's), ``fwdbwd_x_faiss`` (over FAISS's forward),
 ``naive_x`` (naive fwd+bwd over this one's), ``fwd_x_matmul`` (over the similarity matmul).
 Timings interleave the peers round by round (median of ``--repeats`` rounds, after a warm-up
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -214,7 +216,8 @@ def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
 
     One step of the peer runs first, so that one-off set-up (JIT-compiled kernels, libraries,
     thread pools, state the peer keeps between steps) is not counted; its gradients are then
-    released, so each measured step allocates them again and they are counted.
+    released and the freed heap trimmed, so each measured step allocates them again and they
+    are counted.
     """
     import gc
 
@@ -237,6 +240,8 @@ def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
     if hasattr(step, "clear"):
         step.clear()
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc: hand freed heap back to the OS,
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # so the measured steps cannot reuse it unseen
     base = rss_mib()
     reset_peak()
     for _ in range(3):
@@ -406,8 +411,7 @@ def main() -> None:
                                    if out.returncode == 0 else None)
         for row in rows:
             if row["fwdbwd_ms"] is not None and row.get("peak_mib") is not None:
-                # What every fwd+bwd peer must hold: its output, the input's gradient and the
-                # codebook's gradient (float32).
+                # The step's output, the input's gradient and the codebook's gradient (float32).
                 row["floor_mib"] = round((2 * n * d + c * d) * 4 / 2**20, 1)
                 if by.get("naive", {}).get("peak_mib") and row["peak_mib"]:
                     row["naive_peak_x"] = round(by["naive"]["peak_mib"] / row["peak_mib"], 2)
