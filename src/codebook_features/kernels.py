@@ -6,7 +6,8 @@ codebook search's time once the similarity matmul is fast. The top-k kernel sele
 SIMD passes over each row (lane maxima, then one compare pass against a threshold that at
 least k values reach; see the source's header) and sorts the few survivors. The same library
 holds the certified bfloat16 screen's key preparation and per-token pass
-(:func:`bf16_keys`, :func:`screen_rows`), and the combine's MSE sum and codebook-gradient
+(:func:`bf16_keys`, :func:`screen_rows`), the screen with its scores made by AMX tiles inside
+the kernel (:func:`amx_screen`, where :func:`amx` says it can run), and the combine's MSE sum and codebook-gradient
 scatter (:func:`sq_dist`, :func:`scatter_slots`), neither of which forms
 an ``(N, d)`` temporary.
 

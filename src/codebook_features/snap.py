@@ -18,7 +18,9 @@ Search backends (``search(..., backend=)``), all exact unless named otherwise:
   rigorous rounding-error bound certifies per token that no other code can beat the k-th; the
   few tokens it cannot certify are searched again exactly. With the compiled kernel the
   shortlist is every code within twice the token's bound of the k-th best screen score
-  (:func:`_search_screened_kernel`); without it, a fixed ``2k + 4`` (:func:`_search_screened`).
+  (:func:`_search_screened_kernel`; the screen scores come from AMX tiles inside the kernel
+  where a group's keys fit :data:`AMX_KEY_BYTES`); without it, a fixed ``2k + 4``
+  (:func:`_search_screened`).
 * ``auto`` (default): for float32 CPU inputs, ``bf16_screen`` where it is measured faster
   (AMX, and groups at least 32 wide with the kernel, else at least 256 wide and 4096 codes),
   else ``torch`` on Intel CPUs and ``faiss`` on others (when installed); ``torch`` for
