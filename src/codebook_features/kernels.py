@@ -7,9 +7,9 @@ SIMD passes over each row (lane maxima, then one compare pass against a threshol
 least k values reach; see the source's header) and sorts the few survivors. The same library
 holds the certified bfloat16 screen's key preparation and per-token pass
 (:func:`bf16_keys`, :func:`screen_rows`), the screen with its scores made by AMX tiles inside
-the kernel (:func:`amx_screen`, where :func:`amx` says it can run), and the combine's MSE sum and codebook-gradient
-scatter (:func:`sq_dist`, :func:`scatter_slots`), neither of which forms
-an ``(N, d)`` temporary.
+the kernel (:func:`amx_screen`, where :func:`amx` says it can run), and the combine's MSE sum
+and codebook-gradient scatter (:func:`sq_dist`, :func:`scatter_slots`), neither of which
+forms an ``(N, d)`` temporary.
 
 Rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL; no OpenMP
 runtime of its own). It is compiled once per source, compiler and CPU with ``$CXX`` (default
