@@ -14,7 +14,8 @@ Peers: ``codebook`` (this library's CodebookLayer, default ``auto`` search, Laye
 every peer does the same work; ``backend`` says what auto chose), ``codebook_torch``,
 ``codebook_faiss`` and ``codebook_screen`` (the exact torch chunked, FAISS and certified
 bfloat16-screen backends; the screen also reports ``redo_fraction``, the tokens its bound could
-not certify), ``codebook_bf16`` (approximate bfloat16 similarity + re-rank), each with
+not certify, and ``route``: AMX tiles or a bfloat16 ``mm``), ``codebook_screen_mm`` (the screen
+held to its ``mm`` route), ``codebook_bf16`` (approximate bfloat16 similarity + re-rank), each with
 ``code_agreement`` (tokens whose codes equal the torch backend's), ``matmul`` (the similarity
 matmul alone), ``naive`` (full N x C similarity, top-k, a gather with dense autograd, a Python
 loop over groups: the paper's approach),
@@ -28,6 +29,7 @@ codes and on clustered codes with inputs near them.
 
     python benchmarks/snap.py            # DESIGN section 3 shapes
     python benchmarks/snap.py --quick    # small shapes, seconds
+    python benchmarks/snap.py --shape 8192,128,1000,1,4   # one TokFSM layer
     python benchmarks/snap.py --approx   # approximate inference search
 """
 
@@ -53,6 +55,7 @@ SHAPES = [  # (N, d, C, k, G)
 ]
 QUICK = [(1024, 128, 2000, 4, 1), (1024, 128, 2000, 4, 4), (4096, 64, 500, 1, 2)]
 IMPLS = ["matmul", "codebook", "codebook_torch", "codebook_faiss", "codebook_screen",
+         "codebook_screen_mm",
          "codebook_bf16", "naive", "faiss_flatip", "vqtorch"]
 
 
@@ -114,13 +117,17 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
         from codebook_features import CodebookLayer
 
         backend = {"codebook": "auto", "codebook_torch": "torch", "codebook_faiss": "faiss",
-                   "codebook_screen": "bf16_screen", "codebook_bf16": "torch_bf16"}[impl]
+                   "codebook_screen": "bf16_screen", "codebook_screen_mm": "bf16_screen",
+                   "codebook_bf16": "torch_bf16"}[impl]
         torch.manual_seed(1)  # every codebook peer gets the same codes
         layer = CodebookLayer(dim=d, num_codes=c, k=k, groups=g, layernorm=False,
                               search_backend=backend)
+        # codebook_screen_mm: the screen's bfloat16 mm route even where AMX tiles would run.
+        route = _env("CODEBOOK_FEATURES_AMX", "0") if impl == "codebook_screen_mm" else (
+            contextlib.nullcontext)
 
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), route():
                 layer(x)
 
         def clear():
@@ -129,7 +136,8 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
 
         def fwdbwd():
             clear()
-            layer(x).backward(grad_out)
+            with route():
+                layer(x).backward(grad_out)
 
         fwd.layer = layer
         fwdbwd.clear = clear
@@ -211,6 +219,24 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
     raise ValueError(impl)
 
 
+def _env(name: str, value: str):
+    """A context manager factory that sets one environment variable for its duration."""
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[None]:
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+    return ctx
+
+
 def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
     """Run in this (fresh) process: peak resident MiB above the inputs over a few steps.
 
@@ -280,12 +306,24 @@ def measure_shape(shape: tuple[int, ...], impls: list[str], repeats: int) -> lis
                     row["backend"] = snap_backend(layer, x_shape=(n, g, d // g))
                     if row["backend"] == "bf16_screen":
                         row["redo_fraction"] = round(sum(redo) / n, 5)
+                        row["route"] = screen_route(impl, n, d, c, k, g)
     if "codebook_torch" in codes:
         for row in rows:
             if row["impl"] in codes:
                 same = (codes[row["impl"]] == codes["codebook_torch"]).all(-1).float().mean()
                 row["code_agreement"] = round(float(same), 5)
     return rows
+
+
+def screen_route(impl: str, n: int, d: int, c: int, k: int, g: int) -> str:
+    """Where the screen's scores come from: AMX tiles in the kernel or a bfloat16 ``mm``."""
+    from codebook_features import kernels, snap
+
+    if not kernels.available():
+        return "torch"
+    if impl == "codebook_screen_mm" or not snap._amx_fits(g, c, d // g, k):
+        return "mm"
+    return "amx"
 
 
 def snap_backend(layer, x_shape: tuple[int, int, int]) -> str:
@@ -382,6 +420,8 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--threads", type=int, default=None,
                    help="torch (and FAISS) threads; 1 makes CPU times load-proof")
+    p.add_argument("--shape", action="append", metavar="N,d,C,k,G",
+                   help="measure this shape instead of DESIGN's four (repeatable)")
     p.add_argument("--_mem", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -393,7 +433,10 @@ def main() -> None:
         return
     print(json.dumps({"load_avg_before": load(), "cpus": os.cpu_count(),
                       "threads": args.threads}), flush=True)
-    for shape in QUICK if args.quick else SHAPES:
+    shapes = QUICK if args.quick else SHAPES
+    if args.shape:
+        shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape]
+    for shape in shapes:
         if args.approx:
             for row in approx_rows(shape, args.repeats):
                 print(json.dumps(row), flush=True)
