@@ -2,10 +2,11 @@
 
 Prints one JSON object per line: impl, N, d, C, k, G, dtype, fwd_ms, fwdbwd_ms (null for
 forward-only peers), peak_mib (peak resident memory above the inputs, in MiB, from a fresh
-process per peer, after one unmeasured step), floor_mib (the sizes of the step's output, input
+process per peer, after one unmeasured step; peak_mib_pinned: the same with glibc's mmap
+threshold pinned, see ``PINNED``), floor_mib (the sizes of the step's output, input
 gradient and codebook gradient together: what a fwd+bwd step hands back, for scale; a peer may
-peak lower where the allocator reuses one's memory for another), and ratios: ``naive_peak_x`` (naive
-peak over this one's), ``fwdbwd_x_faiss`` (over FAISS's forward),
+peak lower where the allocator reuses one's memory for another), and ratios: ``naive_peak_x`` and
+``naive_peak_pinned_x`` (naive peak over this one's), ``fwdbwd_x_faiss`` (over FAISS's forward),
 ``naive_x`` (naive fwd+bwd over this one's), ``fwd_x_matmul`` (over the similarity matmul).
 Timings interleave the peers round by round (median of ``--repeats`` rounds, after a warm-up
 round), so a busy machine slows them alike; the load average is printed before and after.
@@ -217,6 +218,12 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
         fwdbwd.clear = clear
         return fwd, fwdbwd
     raise ValueError(impl)
+
+
+PINNED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc's mmap threshold pinned at 128 KiB (its default before it adapts): every large block
+goes back to the system when freed, so the peak counts live memory, not the allocator's
+history (``peak_mib_pinned``)."""
 
 
 def _env(name: str, value: str):
@@ -448,16 +455,20 @@ def main() -> None:
         for row in rows:
             if not args.no_memory:
                 threads = ["--threads", str(args.threads)] if args.threads else []
-                out = subprocess.run([sys.executable, __file__, *threads, "--_mem", row["impl"],
-                                      json.dumps(shape)], capture_output=True, text=True)
-                row["peak_mib"] = (json.loads(out.stdout.strip().splitlines()[-1])
-                                   if out.returncode == 0 else None)
+                for key, env in (("peak_mib", {}), ("peak_mib_pinned", PINNED)):
+                    out = subprocess.run([sys.executable, __file__, *threads, "--_mem",
+                                          row["impl"], json.dumps(shape)], capture_output=True,
+                                         text=True, env={**os.environ, **env})
+                    row[key] = (json.loads(out.stdout.strip().splitlines()[-1])
+                                if out.returncode == 0 else None)
         for row in rows:
             if row["fwdbwd_ms"] is not None and row.get("peak_mib") is not None:
                 # The step's output, the input's gradient and the codebook's gradient (float32).
                 row["floor_mib"] = round((2 * n * d + c * d) * 4 / 2**20, 1)
-                if by.get("naive", {}).get("peak_mib") and row["peak_mib"]:
-                    row["naive_peak_x"] = round(by["naive"]["peak_mib"] / row["peak_mib"], 2)
+                for key, ratio in (("peak_mib", "naive_peak_x"),
+                                   ("peak_mib_pinned", "naive_peak_pinned_x")):
+                    if by.get("naive", {}).get(key) and row.get(key):
+                        row[ratio] = round(by["naive"][key] / row[key], 2)
             if "matmul" in by:
                 row["fwd_x_matmul"] = round(row["fwd_ms"] / by["matmul"]["fwd_ms"], 2)
             if row["fwdbwd_ms"] is not None:
