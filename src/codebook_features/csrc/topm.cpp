@@ -293,15 +293,14 @@ void norms(const float* x, int64_t n, double* xx, double* dd) {
   *dd = sd;
 }
 
-// The certified screen of one token. row: its C screen scores, bfloat16 (I16: bits as int16)
-// or float32 (F32); the exact ranking score of a code is (x . book[gi, code]) * scale + bias
-// (scale, bias: null for 1, 0). err bounds |exact - screen score| (rounding of x and of the
-// keys to bfloat16, float32 accumulation, flushed subnormals; as snap._certified); thr is the
-// k-th best screen score; every code scoring >= thr - 2.2 err - 4 ou |thr| (ou: the rounding
-// unit of the scores) is re-scored exactly (at most kMaxWindow of them), the k best go to
-// codes/scores (N, G, k) at row o, |x| to xnorm[o], and ok[o] = 1 when the k-th exact score
-// beats the best code left out by more than the bound (else the caller searches the token
-// again exactly).
+// The certified screen, per token: err bounds |exact - screen score| (rounding of x and of the
+// keys to bfloat16, float32 accumulation, flushed subnormals; as snap._certified), where the
+// exact ranking score of a code is (x . book[gi, code]) * scale + bias (scale, bias: null for
+// 1, 0). With thr the k-th best screen score, every code scoring >= thr - 2.2 err - 4 u |thr|
+// (u: the rounding unit of the screen scores) is re-scored exactly (at most kMaxWindow of
+// them); the k best go to codes/scores (N, G, k) at row o, |x| to xnorm[o], and ok[o] = 1 when
+// the k-th exact score beats the best code left out by more than the bound (else the caller
+// searches the token again exactly).
 constexpr int kMaxWindow = 256;
 constexpr double kU = 1.0 / 256, kU32 = 1.0 / 16777216;
 
@@ -326,14 +325,12 @@ struct ScreenArgs {
   float* xnorm;
 };
 
-template <class S>
-struct ScreenScratch {
-  Scratch<S> sc;
+struct ScreenScratch {  // the mm route's per-thread top-k scratch
+  Scratch<I16> sc;
   std::vector<int64_t> top;
-  std::vector<typename S::T> topv;
+  std::vector<int16_t> topv;
   explicit ScreenScratch(int k) : top(k), topv(k) {}
 };
-
 
 // The bound on |exact - screen score| of one token (as snap._certified); |x| to xnorm[o].
 double screen_err(const float* xr, float kmax, float dkmax, float bmax, int64_t o,
@@ -384,7 +381,7 @@ void screen_finish(const int32_t* win, int n, double err, double left, double ou
 // (at most kMaxWindow; more, a negative threshold or too few: ok[o] stays 0 and the caller
 // searches the token again exactly).
 void screen_one(const int16_t* row, int64_t o, int64_t gi, float kmax, float dkmax, float bmax,
-                const ScreenArgs& a, ScreenScratch<I16>& ss) {
+                const ScreenArgs& a, ScreenScratch& ss) {
   const int64_t c = a.c;
   const int k = a.k;
   const float* xr = a.x + o * a.dg;
@@ -453,7 +450,8 @@ void screen_chunks(const float* row, const float* cm, int64_t chunks, int64_t o,
   } else {  // 64 lanes: chunk j's maxima go to lanes 16 (j % 4) ..
     __m512 m[4];
     for (int p = 0; p < 4; ++p) m[p] = _mm512_set1_ps(-__builtin_inff());
-    for (int64_t j = 0; j < chunks; ++j) m[j % 4] = _mm512_max_ps(m[j % 4], _mm512_load_ps(cm + 16 * j));
+    for (int64_t j = 0; j < chunks; ++j)
+      m[j % 4] = _mm512_max_ps(m[j % 4], _mm512_load_ps(cm + 16 * j));
     alignas(64) float lv[64];
     for (int p = 0; p < 4; ++p) _mm512_store_ps(lv + 16 * p, m[p]);
     std::nth_element(lv, lv + (k - 1), lv + 64, [](float p, float q) { return p > q; });
@@ -510,9 +508,7 @@ void screen_chunks(const float* row, const float* cm, int64_t chunks, int64_t o,
   }
   screen_finish(win, m, err, left, kU32, o, gi, a.x + o * a.dg, a);
 }
-#endif
 
-#if CBF_AVX512
 // x row (dg floats) -> n bfloat16 bits (round to nearest even, as bf16_round; zero past dg).
 void to_bf16(const float* x, int64_t dg, int64_t n, uint16_t* out) {
   int64_t i = 0;
@@ -588,8 +584,9 @@ void cbf_screen_rows(const int16_t* s, int64_t r0, int64_t r1, int64_t ld, int64
                      float kmax, float dkmax, float bmax, int extra_ulps, int64_t* codes,
                      float* scores, uint8_t* ok, float* xnorm) {
   const ScreenArgs a{c, g, dg, x, book, scale, bias, k, extra_ulps, codes, scores, ok, xnorm};
-  ScreenScratch<I16> ss(k);
-  for (int64_t r = r0; r < r1; ++r) screen_one(s + r * ld, (n0 + r) * g + gi, gi, kmax, dkmax, bmax, a, ss);
+  ScreenScratch ss(k);
+  for (int64_t r = r0; r < r1; ++r)
+    screen_one(s + r * ld, (n0 + r) * g + gi, gi, kmax, dkmax, bmax, a, ss);
 }
 
 #if CBF_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -609,9 +606,10 @@ int cbf_amx_enable() {
 
 // The certified screen with the screen scores made in place by AMX: tokens r0..r1 of x
 // (N, G, dg), 16 at a time, every group; keys kb from cbf_bf16_keys with ncb > 0. Per block and
-// group: the 16 tokens in bfloat16 (A tiles), every code block's float32 scores (16 x 16 per
-// tile, 4 code blocks per A load) into a 16 x ncb*16 buffer that stays in L2, the bias added in
-// float32, then screen_one per token. kmax, dkmax, bmax: per group (bmax null: no bias).
+// group: the 16 tokens in bfloat16 (A tile), every code block's float32 scores (16 x 16 per
+// tile, 4 code blocks per A load) into a 16 x ncb*16 buffer; while each 64-code chunk is in L1,
+// the bias is added in float32 and each token's lane maxima over the chunk are kept; then
+// screen_chunks per token. kmax, dkmax, bmax: per group (bmax null: no bias).
 void cbf_amx_screen(int64_t r0, int64_t r1, const float* x, int64_t g, int64_t dg, int64_t c,
                     int64_t ncb, int64_t nq, const uint16_t* kb, const float* book,
                     const float* scale, const float* bias, int k, const float* kmax,
@@ -635,7 +633,8 @@ void cbf_amx_screen(int64_t r0, int64_t r1, const float* x, int64_t g, int64_t d
   std::vector<float> sb(16 * cp);  // 16 tokens' scores, in L1/L2
   const int64_t chunks = (ncb + 3) / 4;  // of 64 codes
   std::vector<float> cmax(16 * chunks * 16 + 16);  // per token and chunk: lane maxima
-  float* cm = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(cmax.data()) + 63) & ~uintptr_t(63));
+  float* cm = reinterpret_cast<float*>(  // 64-byte aligned
+      (reinterpret_cast<uintptr_t>(cmax.data()) + 63) & ~uintptr_t(63));
   double err[16];
   uint16_t* ap = at.data();
   float* sp = sb.data();
