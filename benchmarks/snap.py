@@ -15,8 +15,9 @@ Peers: ``codebook`` (this library's CodebookLayer, default ``auto`` search, Laye
 every peer does the same work; ``backend`` says what auto chose), ``codebook_torch``,
 ``codebook_faiss`` and ``codebook_screen`` (the exact torch chunked, FAISS and certified
 bfloat16-screen backends; the screen also reports ``redo_fraction``, the tokens its bound could
-not certify, and ``route``: AMX tiles or a bfloat16 ``mm``), ``codebook_screen_mm`` (the screen
-held to its ``mm`` route), ``codebook_bf16`` (approximate bfloat16 similarity + re-rank), each with
+not certify, and ``route``: AMX tiles or a bfloat16 ``mm``), ``codebook_screen_mm`` and
+``codebook_screen_amx`` (the screen held to its ``mm`` route, or to its AMX route whatever the
+size of the keys), ``codebook_bf16`` (approximate bfloat16 similarity + re-rank), each with
 ``code_agreement`` (tokens whose codes equal the torch backend's), ``matmul`` (the similarity
 matmul alone), ``naive`` (full N x C similarity, top-k, a gather with dense autograd, a Python
 loop over groups: the paper's approach),
@@ -56,7 +57,7 @@ SHAPES = [  # (N, d, C, k, G)
 ]
 QUICK = [(1024, 128, 2000, 4, 1), (1024, 128, 2000, 4, 4), (4096, 64, 500, 1, 2)]
 IMPLS = ["matmul", "codebook", "codebook_torch", "codebook_faiss", "codebook_screen",
-         "codebook_screen_mm",
+         "codebook_screen_mm", "codebook_screen_amx",
          "codebook_bf16", "naive", "faiss_flatip", "vqtorch"]
 
 
@@ -119,13 +120,13 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
 
         backend = {"codebook": "auto", "codebook_torch": "torch", "codebook_faiss": "faiss",
                    "codebook_screen": "bf16_screen", "codebook_screen_mm": "bf16_screen",
-                   "codebook_bf16": "torch_bf16"}[impl]
+                   "codebook_screen_amx": "bf16_screen", "codebook_bf16": "torch_bf16"}[impl]
         torch.manual_seed(1)  # every codebook peer gets the same codes
         layer = CodebookLayer(dim=d, num_codes=c, k=k, groups=g, layernorm=False,
                               search_backend=backend)
-        # codebook_screen_mm: the screen's bfloat16 mm route even where AMX tiles would run.
-        route = _env("CODEBOOK_FEATURES_AMX", "0") if impl == "codebook_screen_mm" else (
-            contextlib.nullcontext)
+        # codebook_screen_mm / _amx: the screen held to its bfloat16 mm route / its AMX route.
+        route = {"codebook_screen_mm": _env("CODEBOOK_FEATURES_AMX", "0"),
+                 "codebook_screen_amx": _amx_everywhere}.get(impl, contextlib.nullcontext)
 
         def fwd():
             with torch.no_grad(), route():
@@ -244,6 +245,19 @@ def _env(name: str, value: str):
     return ctx
 
 
+@contextlib.contextmanager
+def _amx_everywhere() -> Iterator[None]:
+    """The screen's AMX route whatever the size of the keys (where AMX runs at all)."""
+    from codebook_features import snap
+
+    old = snap.AMX_KEY_BYTES
+    snap.AMX_KEY_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        snap.AMX_KEY_BYTES = old
+
+
 def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
     """Run in this (fresh) process: peak resident MiB above the inputs over a few steps.
 
@@ -328,6 +342,8 @@ def screen_route(impl: str, n: int, d: int, c: int, k: int, g: int) -> str:
 
     if not kernels.available():
         return "torch"
+    if impl == "codebook_screen_amx":
+        return "amx" if kernels.amx() and k <= 16 else "mm"
     if impl == "codebook_screen_mm" or not snap._amx_fits(g, c, d // g, k):
         return "mm"
     return "amx"

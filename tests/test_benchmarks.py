@@ -15,14 +15,15 @@ def test_snap_benchmark_small_shape():
     process each), the screen's route, and codes that agree with the torch backend."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "snap.py"), "--shape", "512,64,300,2,2",
-         "--impls", "codebook,codebook_torch,codebook_screen_mm,naive,faiss_flatip",
+         "--impls",
+         "codebook,codebook_torch,codebook_screen_mm,codebook_screen_amx,naive,faiss_flatip",
          "--repeats", "1", "--threads", "1"],
         capture_output=True, text=True, timeout=600, check=True)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     by = {r["impl"]: r for r in rows if "impl" in r}
-    assert set(by) == {"codebook", "codebook_torch", "codebook_screen_mm", "naive",
-                       "faiss_flatip"}
-    for impl in ("codebook", "codebook_torch", "codebook_screen_mm"):
+    assert set(by) == {"codebook", "codebook_torch", "codebook_screen_mm", "codebook_screen_amx",
+                       "naive", "faiss_flatip"}
+    for impl in ("codebook", "codebook_torch", "codebook_screen_mm", "codebook_screen_amx"):
         assert by[impl]["code_agreement"] == 1.0
         assert by[impl]["fwdbwd_ms"] > 0 and by[impl]["naive_x"] > 0
         assert by[impl]["peak_mib"] >= 0 and by[impl]["peak_mib_pinned"] >= 0

@@ -561,9 +561,11 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
 
 
 AMX_KEY_BYTES = 512 << 10
-"""The AMX screen streams every key of a group past each 16 tokens: measured faster than the
-bfloat16 ``mm`` while a group's key tiles (``C x dg`` bfloat16, padded) stay in L2, slower at
-C = 10000, dg >= 64 (``benchmarks/snap.py``)."""
+"""The AMX screen streams every key of a group past each 16 tokens. While a group's key tiles
+(``C x dg`` bfloat16, padded) stay in L2 it beat the bfloat16 ``mm`` route (C = 1000, dg = 32:
+21 against 31 ms for a layer's forward + backward); at C = 10000 it lost (dg = 512: 283
+against 210; dg = 64: 306 against 274): ``benchmarks/snap.py --impls
+codebook_screen_mm,codebook_screen_amx``."""
 
 
 def _amx_fits(g: int, c: int, dg: int, k: int) -> bool:
