@@ -535,29 +535,45 @@ def _search_screened_kernel(x: Tensor, codebook: Tensor, k: int, similarity: str
                                 _bias(codebook, similarity), k, chunk_mib), None)
     book = codebook.contiguous()
     x = x.contiguous()
-    bf16 = torch.empty(0, dtype=torch.bfloat16)
-    cos = similarity == "cosine"
     codes = torch.empty(n, g, k, dtype=torch.long)
     v = torch.empty(n, g, k)
     ok = torch.empty(n, g, dtype=torch.uint8)
     norms = torch.empty(n, g)
-    tol = 1 + 1e-6  # the float32 roundings of the norms
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
     if _amx_fits(g, num_codes, dg, k):  # scores made by AMX tiles, 16 tokens at a time
-        kb = _scratch(ws, "kb_tiles", kernels.amx_tiles(g, num_codes, dg), bf16)
-        scale, dk, kn = kernels.bf16_keys(book, cos, kb, tiles=True)
-        scale_or_none = scale if cos else None
-        bias = -0.5 * kn * kn if similarity == "euclidean" else None
-        kernels.amx_screen(x, kb, book, scale_or_none, bias, k, kn.amax(-1) * tol,
-                           dk.amax(-1) * tol, None if bias is None else bias.abs().amax(-1) * tol,
-                           4 if cos else 1, codes, v, ok, norms)
+        keys = _ScreenKeys(book, similarity,
+                           _scratch(ws, "kb_tiles", kernels.amx_tiles(g, num_codes, dg), bf16))
+        kernels.amx_screen(x, keys.kb, book, keys.scale, keys.bias, k, keys.kmax, keys.dkmax,
+                           keys.bmax, keys.extra_ulps, codes, v, ok, norms)
     else:
-        scale_or_none, bias = _screen_mm(x, book, k, similarity, chunk_mib, ws, codes, v, ok,
-                                         norms)
+        keys = _ScreenKeys(book, similarity, _scratch(ws, "kbt", (g, dg, num_codes), bf16))
+        _screen_mm(x, book, keys, k, chunk_mib, ws, codes, v, ok, norms)
     certified = ok.bool().all(-1)
     if not bool(certified.all()):  # rare: redo the tokens the bound cannot certify exactly
         redo = (~certified).nonzero().squeeze(-1)
-        codes[redo], v[redo] = _redo(x[redo], book, scale_or_none, bias, k, chunk_mib)
+        codes[redo], v[redo] = _redo(x[redo], book, keys.scale, keys.bias, k, chunk_mib)
     return codes, v, norms
+
+
+class _ScreenKeys:
+    """The compiled screen's bfloat16 keys, written into ``kb`` (AMX tiles when its shape is
+    :func:`kernels.amx_tiles`, else transposed ``(G, dg, C)``), and what the certificate needs
+    of them: the cosine ``scale`` and Euclidean ``bias`` of the exact scores (None where they
+    do not apply) and per-group bounds ``kmax`` (max key norm), ``dkmax`` (max key rounding
+    error), ``bmax`` (max |bias|), float32 ``(G,)`` with the norms' rounding allowed for."""
+
+    TOL = 1 + 1e-6  # the float32 roundings of the norms
+
+    def __init__(self, book: Tensor, similarity: str, kb: Tensor) -> None:
+        cos = similarity == "cosine"
+        self.kb = kb
+        tiles = kb.dim() == 4  # kernels.amx_tiles shape
+        scale, dk, kn = kernels.bf16_keys(book, cos, kb, tiles=tiles)
+        self.scale = scale if cos else None
+        self.bias = -0.5 * kn * kn if similarity == "euclidean" else None
+        self.kmax, self.dkmax = kn.amax(-1) * self.TOL, dk.amax(-1) * self.TOL
+        self.bmax = None if self.bias is None else self.bias.abs().amax(-1) * self.TOL
+        self.extra_ulps = 4 if cos else 1  # the exact score's own roundings
 
 
 AMX_KEY_BYTES = 512 << 10
@@ -575,20 +591,16 @@ def _amx_fits(g: int, c: int, dg: int, k: int) -> bool:
     return k <= 16 and ncb * nq * tile * 2 <= AMX_KEY_BYTES and kernels.amx()
 
 
-def _screen_mm(x: Tensor, book: Tensor, k: int, similarity: str, chunk_mib: float,
+def _screen_mm(x: Tensor, book: Tensor, keys: _ScreenKeys, k: int, chunk_mib: float,
                ws: Workspace | None, codes: Tensor, v: Tensor, ok: Tensor, norms: Tensor,
-               ) -> tuple[Tensor | None, Tensor | None]:
-    """The screen's scores by a bfloat16 ``mm`` per group and token block, then the compiled
-    per-token pass on each block; fills the outputs and returns the cosine scale and the
-    euclidean bias (None where they do not apply)."""
+               ) -> None:
+    """The screen's scores by a bfloat16 ``mm`` per group and token block against the
+    transposed ``keys``, then the compiled per-token pass on each block; fills the outputs."""
     n, g, dg = x.shape
     num_codes = book.shape[1]
     bf16 = torch.empty(0, dtype=torch.bfloat16)
-    cos = similarity == "cosine"
-    kbt = _scratch(ws, "kbt", (g, dg, num_codes), bf16)
-    scale, dk, kn = kernels.bf16_keys(book, cos, kbt)
-    bias = -0.5 * kn * kn if similarity == "euclidean" else None
-    bias_b = None if bias is None else bias.to(torch.bfloat16)
+    kbt = keys.kb
+    bias_b = None if keys.bias is None else keys.bias.to(torch.bfloat16)
     xbt = _scratch(ws, "xbt", (g, n, dg), bf16)
     xbt.copy_(x.transpose(0, 1))
     # Score blocks of ~1 MiB (they stay in L2 between the mm and the per-token pass) but at
@@ -597,10 +609,8 @@ def _screen_mm(x: Tensor, book: Tensor, k: int, similarity: str, chunk_mib: floa
     if chunk_mib >= 1.0:
         rows = max(rows, min(n, 256))
     buf = _scratch(ws, "scores_bf16", (rows * num_codes,), bf16)
-    scale_or_none = scale if cos else None
-    tol = 1 + 1e-6  # the float32 roundings of the norms
-    kmax, dkmax = (kn.amax(-1) * tol).tolist(), (dk.amax(-1) * tol).tolist()
-    bmax = [None] * g if bias is None else (bias.abs().amax(-1) * tol).tolist()
+    kmax, dkmax = keys.kmax.tolist(), keys.dkmax.tolist()
+    bmax = [None] * g if keys.bmax is None else keys.bmax.tolist()
     for gi in range(g):
         for start in range(0, n, rows):
             end = min(n, start + rows)
@@ -609,10 +619,9 @@ def _screen_mm(x: Tensor, book: Tensor, k: int, similarity: str, chunk_mib: floa
                 torch.mm(xbt[gi, start:end], kbt[gi], out=s)
             else:
                 torch.addmm(bias_b[gi], xbt[gi, start:end], kbt[gi], out=s)
-            kernels.screen_rows(s.view(torch.int16), start, gi, x, book, scale_or_none, bias, k,
-                                kmax[gi], dkmax[gi], bmax[gi], 4 if cos else 1, codes, v, ok,
+            kernels.screen_rows(s.view(torch.int16), start, gi, x, book, keys.scale, keys.bias,
+                                k, kmax[gi], dkmax[gi], bmax[gi], keys.extra_ulps, codes, v, ok,
                                 norms)
-    return scale_or_none, bias
 
 
 def _redo(x: Tensor, book: Tensor, scale: Tensor | None, bias: Tensor | None, k: int,
