@@ -299,9 +299,11 @@ def sq_dist(a: Tensor, b: Tensor) -> float:
 
 def _check_rows(idx: Tensor, rows: int) -> None:
     """Refuse indices outside ``[0, rows)`` before compiled code writes through them."""
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= rows):
-        raise IndexError(f"code index out of range [0, {rows}): "
-                         f"{int(idx.min())}..{int(idx.max())}")
+    if not idx.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= rows:
+        raise IndexError(f"code index out of range [0, {rows}): {lo}..{hi}")
 
 
 def scatter_slots(grad: Tensor, flat: Tensor, gy: Tensor, y: Tensor, x: Tensor, w: float,

@@ -332,6 +332,11 @@ struct ScreenScratch {  // the mm route's per-thread top-k scratch
   explicit ScreenScratch(int k) : top(k), topv(k) {}
 };
 
+// The window's lower edge: thr - 2.2 err - 4 u |thr| (u: the screen scores' rounding unit).
+double window_cut(double thr, double err, double u) {
+  return thr - 2.2 * err - 4 * u * __builtin_fabs(thr);
+}
+
 // The bound on |exact - screen score| of one token (as snap._certified); |x| to xnorm[o].
 double screen_err(const float* xr, float kmax, float dkmax, float bmax, int64_t o,
                   const ScreenArgs& a) {
@@ -390,7 +395,7 @@ void screen_one(const int16_t* row, int64_t o, int64_t gi, float kmax, float dkm
   const double err = screen_err(xr, kmax, dkmax, bmax, o, a);
   row_topm<I16>(row, c, k, ss.sc, ss.top.data(), ss.topv.data());  // k = 1: one-pass argmax
   const double thr = bf16_bits_value(ss.topv[k - 1]);
-  const double cut = thr - 2.2 * err - 4 * kU * __builtin_fabs(thr);
+  const double cut = window_cut(thr, err, kU);
   if (!(thr > 0) || !(cut > 0)) return;  // negative scores order backwards as bits: redo
   // The smallest bfloat16 >= cut, as bits (cut > 0: round the float32 bits up).
   const float cf = float(cut);
@@ -457,8 +462,8 @@ void screen_chunks(const float* row, const float* cm, int64_t chunks, int64_t o,
     std::nth_element(lv, lv + (k - 1), lv + 64, [](float p, float q) { return p > q; });
     t = lv[k - 1];
   }
-  auto cut_of = [&](double v) {
-    const double cut = v - 2.2 * err - 4 * kU32 * __builtin_fabs(v);
+  auto cut_of = [&](double v) {  // as float32, rounded down
+    const double cut = window_cut(v, err, kU32);
     float f = float(cut);
     if (double(f) > cut) f = __builtin_nextafterf(f, -__builtin_inff());
     return f;
