@@ -125,8 +125,9 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
         layer = CodebookLayer(dim=d, num_codes=c, k=k, groups=g, layernorm=False,
                               search_backend=backend)
         # codebook_screen_mm / _amx: the screen held to its bfloat16 mm route / its AMX route.
-        route = {"codebook_screen_mm": _env("CODEBOOK_FEATURES_AMX", "0"),
-                 "codebook_screen_amx": _amx_everywhere}.get(impl, contextlib.nullcontext)
+        route = {"codebook_screen_mm": _amx_key_bytes(-1),
+                 "codebook_screen_amx": _amx_key_bytes(1 << 62)}.get(impl,
+                                                                      contextlib.nullcontext)
 
         def fwd():
             with torch.no_grad(), route():
@@ -141,7 +142,7 @@ def build(impl: str, n: int, d: int, c: int, k: int, g: int):
             with route():
                 layer(x).backward(grad_out)
 
-        fwd.layer = layer
+        fwd.layer, fwd.route = layer, route
         fwdbwd.clear = clear
         return fwd, fwdbwd
 
@@ -227,35 +228,22 @@ goes back to the system when freed, so the peak counts live memory, not the allo
 history (``peak_mib_pinned``)."""
 
 
-def _env(name: str, value: str):
-    """A context manager factory that sets one environment variable for its duration."""
+def _amx_key_bytes(limit: int):
+    """A context manager factory: the screen's AMX route taken while a group's key tiles fit
+    ``limit`` bytes (-1: never, the ``mm`` route; huge: always, where AMX runs at all)."""
 
     @contextlib.contextmanager
     def ctx() -> Iterator[None]:
-        old = os.environ.get(name)
-        os.environ[name] = value
+        from codebook_features import snap
+
+        old = snap.AMX_KEY_BYTES
+        snap.AMX_KEY_BYTES = limit
         try:
             yield
         finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
+            snap.AMX_KEY_BYTES = old
 
     return ctx
-
-
-@contextlib.contextmanager
-def _amx_everywhere() -> Iterator[None]:
-    """The screen's AMX route whatever the size of the keys (where AMX runs at all)."""
-    from codebook_features import snap
-
-    old = snap.AMX_KEY_BYTES
-    snap.AMX_KEY_BYTES = 1 << 62
-    try:
-        yield
-    finally:
-        snap.AMX_KEY_BYTES = old
 
 
 def peak_memory(impl: str, shape: tuple[int, ...]) -> float | None:
@@ -327,7 +315,7 @@ def measure_shape(shape: tuple[int, ...], impls: list[str], repeats: int) -> lis
                     row["backend"] = snap_backend(layer, x_shape=(n, g, d // g))
                     if row["backend"] == "bf16_screen":
                         row["redo_fraction"] = round(sum(redo) / n, 5)
-                        row["route"] = screen_route(impl, n, d, c, k, g)
+                        row["route"] = screen_route(built[impl][0].route, d, c, k, g)
     if "codebook_torch" in codes:
         for row in rows:
             if row["impl"] in codes:
@@ -336,17 +324,15 @@ def measure_shape(shape: tuple[int, ...], impls: list[str], repeats: int) -> lis
     return rows
 
 
-def screen_route(impl: str, n: int, d: int, c: int, k: int, g: int) -> str:
-    """Where the screen's scores come from: AMX tiles in the kernel or a bfloat16 ``mm``."""
+def screen_route(route, d: int, c: int, k: int, g: int) -> str:
+    """Where the screen's scores come from under a peer's ``route``: AMX tiles in the kernel,
+    a bfloat16 ``mm``, or torch (no kernel)."""
     from codebook_features import kernels, snap
 
     if not kernels.available():
         return "torch"
-    if impl == "codebook_screen_amx":
-        return "amx" if kernels.amx() and k <= 16 else "mm"
-    if impl == "codebook_screen_mm" or not snap._amx_fits(g, c, d // g, k):
-        return "mm"
-    return "amx"
+    with route():
+        return "amx" if snap._amx_fits(g, c, d // g, k) else "mm"
 
 
 def snap_backend(layer, x_shape: tuple[int, int, int]) -> str:
