@@ -153,3 +153,31 @@ def test_hooked_activation_is_the_papers(arch: str) -> None:
         assert torch.equal(flat(ours[name][0]), flat(outs[name][0])), name
     for h in handles:
         h.remove()
+
+
+def test_transformer_lens_sites_are_the_hf_models_activations(tmp_path) -> None:
+    """A TransformerLens bridge over tiny GPT-2: each site (a TransformerLens hook point)
+    receives the activation the test's own hooks capture on the plain Hugging Face model."""
+    tl = pytest.importorskip("transformer_lens")
+    if not hasattr(tl, "TransformerBridge"):
+        pytest.skip("TransformerLens < 4: no TransformerBridge")
+    ids = tokens(2, 8)
+    hf = build("gpt2")
+    ours, handles = capture(hf, "gpt2")
+    with torch.no_grad():
+        hf(input_ids=ids)
+    for h in handles:
+        h.remove()
+    hf.save_pretrained(tmp_path)
+    net = tl.TransformerBridge.boot_transformers(str(tmp_path), hf_model=build("gpt2"),
+                                                 tokenizer=None)
+    model = CodebookModel(net, placements=list(PLACEMENTS), num_codes=16, k=2)
+    assert model.site_specs["layers.1.attn_heads"].module == "blocks.1.attn.hook_z"
+    for layer in model.sites.values():
+        layer.recorded, layer.bypass = [], True
+    with torch.no_grad():
+        model(ids)
+    for name, layer in model.sites.items():
+        assert len(layer.recorded) == 1, name
+        torch.testing.assert_close(flat(layer.recorded[0]), flat(ours[name][0]), rtol=1e-5,
+                                   atol=1e-6, msg=name)
