@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import default_data_collator
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_dead_codes import Recorder  # noqa: E402
 from test_training import args, make_data, make_model  # noqa: E402
 
 from codebook_features.training import CodebookTrainer, kmeans_init_codebooks  # noqa: E402
@@ -37,7 +38,10 @@ def main(out: str, stream: bool = False) -> None:
     train = data.to_iterable_dataset() if stream else data
     trainer = CodebookTrainer(model, targs, train_dataset=train,
                               data_collator=default_data_collator)
+    rec = Recorder(model)  # this process's fired codes and every replacement, step by step
+    trainer.add_callback(rec)
     trainer.train()
+    torch.save({"fired": rec.fired, "replaced": rec.replaced}, f"{out}/record-rank{rank}.pt")
     if rank == 0:
         tensors = {f"{n}.{k}": v.detach().clone() for n, layer in model.sites.items()
                    for k, v in layer.named_parameters()}

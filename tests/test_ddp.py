@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_dead_codes import check_replacements
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 
@@ -28,9 +29,22 @@ def run(cmd: list[str], out: Path, *extra: str) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one(tmp_path, stream):
     extra = ["stream"] if stream else []
     one = run([sys.executable], tmp_path / "one", *extra)
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               f"--master_port={29531 + stream}"], tmp_path / "two", *extra)
+    # --standalone: the rendezvous port is a free one the OS picks (tests run in parallel).
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2"], tmp_path / "two", *extra)
     assert int(one["replaced"]) > 0  # dead codes were replaced during the run
+    # Independently of the code under test: the dead codes replaced at each step are those
+    # that no process fired within the window (the union of both processes' codes), replaced
+    # alike on both, and exactly the single process's.
+    ranks = [torch.load(tmp_path / "two" / f"record-rank{r}.pt") for r in (0, 1)]
+    fired = {s: {n: ranks[0]["fired"][s][n] | ranks[1]["fired"][s][n] for n in ranks[0]["fired"][s]}
+             for s in ranks[0]["fired"]}
+    for rec in ranks:
+        assert check_replacements(fired, rec["replaced"], max_steps=4, interval=2) == int(
+            two["replaced"])
+    single = torch.load(tmp_path / "one" / "record-rank0.pt")
+    assert check_replacements(single["fired"], single["replaced"], max_steps=4,
+                              interval=2) == int(one["replaced"])
     # k-means ran in the process group on different rows per rank; its broadcast made rank 1
     # start from rank 0's codes, which are the single process's.
     starts = [load_file(str(d / f"kmeans-rank{r}.safetensors"))
