@@ -1,4 +1,10 @@
-"""Atomic writes of JSON and safetensors files: a crash never leaves a half-written file."""
+"""Atomic writes of JSON and safetensors files: a crash never leaves a half-written file.
+
+Files are created with the permissions the umask gives (as ``open`` would), not
+``mkstemp``'s 0600. :func:`fault_point` is the test hook that kills the process at a chosen
+point (the N-th atomic write, checkpoint, index shard, ...) to check that interrupted work
+resumes to the same end.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +21,89 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CodebookError
 
+FAULT_ENV = "CODEBOOK_FEATURES_FAULT"
+"""``KIND:N`` (comma-separated for several): :func:`fault_point` ``KIND`` kills the process
+with SIGKILL the N-th time it is reached. For fault-injection tests only."""
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(kind: str) -> None:
+    """Count a point of kind ``kind`` (``write``: an atomic write about to be renamed into
+    place, ``written``: one just renamed, ``checkpoint``, ``shard``, ...); SIGKILL this process
+    when ``$CODEBOOK_FEATURES_FAULT`` names this kind and count. Does nothing otherwise."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _FAULT_COUNTS[kind] = n = _FAULT_COUNTS.get(kind, 0) + 1
+    for item in spec.split(","):
+        k, _, count = item.strip().partition(":")
+        if k == kind and count.strip().isdigit() and int(count) == n:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def umask() -> int:
+    """The process's umask (read without changing it where Linux shows it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
+    """Create the folder ``path`` (and its parents) if needed and check that files can be
+    created in it, before any work that would write there: an OSError naming ``path``
+    otherwise (a file in the way, a read-only folder or file system), which the CLI prints
+    as one line. ``create=False``: check without creating anything (the nearest existing
+    folder must be writable)."""
+    import errno
+
+    p = Path(path)
+    if not create:
+        at = p.absolute()
+        while not at.exists() and at != at.parent:
+            at = at.parent
+        if not at.is_dir():
+            raise OSError(errno.ENOTDIR if at != p.absolute() else errno.EEXIST,
+                          os.strerror(errno.ENOTDIR if at != p.absolute() else errno.EEXIST),
+                          str(at))
+        if os.statvfs(at).f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(at))
+        if not os.access(at, os.W_OK | os.X_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(at))
+        return p
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(p)) from None
+    return p
+
 
 def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        write(tmp)  # (some writers, safetensors', make the file anew)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 -> what open() would give
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        fault_point("write")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fault_point("written")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from .cli import command
 from .errors import CodebookError
-from .io import write_json, write_text
+from .io import writable_dir, write_json, write_text
 
 
 @dataclass
@@ -120,8 +120,7 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.out)  # unwritable: one line before any work
     t_start = time.time()
     timings: dict[str, float] = {}
 

@@ -108,8 +108,8 @@ def _coerce(value: Any, typ: type | None, where: str) -> Any:
                 return typ(value)
             except ValueError:
                 pass
-    article = "an" if typ is int else "a"
-    raise CodebookError(f"{where} must be {article} {typ.__name__}, got {value!r}")
+    kind = {int: "an integer", float: "a number", bool: "true or false"}[typ]
+    raise CodebookError(f"{where} must be {kind}, got {value!r}")
 
 
 def _check_keys(given: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
@@ -168,7 +168,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConf
     from .model import CodebookModelConfig
     from .training import CodebookTrainingArguments
 
-    CodebookModelConfig.from_dict(dict(cfg.codebooks))  # unknown keys and bad values
+    # types first ("k: two" must be an integer), then unknown keys and bad values
+    known = {f.name: f for f in dataclasses.fields(CodebookModelConfig)}
+    cfg.codebooks = {k: _coerce(v, _scalar_type(known[k]), f"codebooks.{k}") if k in known
+                     else v for k, v in dict(cfg.codebooks).items()}
+    CodebookModelConfig.from_dict(dict(cfg.codebooks))
     cfg.training = _check_keys(cfg.training, CodebookTrainingArguments, "training")
     return cfg
 
@@ -417,10 +421,64 @@ def progress_bars(enabled: bool) -> Iterator[None]:
                 on()
 
 
+FINISHED_NAME = "finished.json"
+"""Written into ``OUTPUT_DIR/final`` last, once the final folder is complete: the steps
+trained and the target the run was given."""
+
+
+def _say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def finished_run(args: Any) -> dict[str, Any] | None:
+    """The final metrics of a run already finished in ``args.output_dir`` to at least the
+    target ``args`` set (``max_steps``, or with -1 ``num_train_epochs``), else None. A finished
+    run whose target was lower is continued from its last checkpoint (None, with a line that
+    says so); without a checkpoint to continue from, a CodebookError."""
+    from .io import read_json
+    from .training import last_complete_checkpoint
+
+    final = Path(args.output_dir) / "final"
+    if not (final / FINISHED_NAME).is_file() or not (final / "metrics.json").is_file():
+        return None
+    done = read_json(final / FINISHED_NAME)
+    step = int(done.get("global_step", 0))
+    if args.max_steps > 0:
+        reached = step >= args.max_steps
+        target = f"max_steps={args.max_steps}"
+    else:
+        reached = (done.get("max_steps", -1) <= 0
+                   and float(done.get("num_train_epochs", 0)) >= args.num_train_epochs)
+        target = f"num_train_epochs={args.num_train_epochs:g}"
+    if reached:
+        _say(f"train: {args.output_dir} already holds a finished run ({step} steps, "
+             f"{final}); nothing to do (raise training.max_steps to train it further, or "
+             "pass a new training.output_dir)")
+        return read_json(final / "metrics.json")
+    last = last_complete_checkpoint(args.output_dir)
+    if last is None:
+        raise CodebookError(f"{args.output_dir}: the finished run there ({step} steps) left no "
+                            f"checkpoint to continue from to {target}; pass a new "
+                            "training.output_dir")
+    _say(f"train: continuing the finished run in {args.output_dir} ({step} steps) to {target}")
+    return None
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Check, load, train, evaluate and save; returns the final metrics. Progress bars show
-    unless ``training.disable_tqdm`` (which hides every one of them)."""
+    unless ``training.disable_tqdm`` (which hides every one of them).
+
+    A run already finished in the output folder is left alone (its metrics are returned); one
+    interrupted, or finished to a lower ``max_steps``, continues from its last checkpoint."""
     args = training_arguments(cfg)
+    done = finished_run(args)
+    if done is not None:
+        return done
+    from .io import writable_dir
+
+    # a read-only folder or a file in the way: one line before any work (nothing created)
+    writable_dir(args.output_dir, create=False)
     with progress_bars(not args.disable_tqdm):
         return _run_training(cfg, args)
 
@@ -462,7 +520,21 @@ def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
     trainer = CodebookTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
                               data_collator=default_data_collator, processing_class=tokenizer)
     last = last_complete_checkpoint(args.output_dir)  # an interrupted run resumes from here
-    trainer.train(resume_from_checkpoint=last)
+    step = 0
+    if last is not None:
+        step = int(read_json(Path(last) / "trainer_state.json").get("global_step", 0))
+    if last is not None and 0 < args.max_steps <= step:
+        # Trained to the end, stopped before final/ was complete: the last checkpoint is the
+        # trained model (resuming the Trainer there would train a step past max_steps).
+        from transformers import TrainerState
+
+        _say(f"train: {last} is the end of training (step {step}); writing the final folder")
+        trainer._load_from_checkpoint(last)
+        trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+    else:
+        if last is not None:
+            _say(f"train: resuming from {last} (step {step})")
+        trainer.train(resume_from_checkpoint=last)
     out = Path(args.output_dir) / "final"
     # Several processes (torchrun) hold the same model: the main one evaluates and writes the
     # final folder; the others wait for it and return its metrics.
@@ -475,6 +547,9 @@ def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
             tokenizer.save_pretrained(out)
             model.save_codebooks(out, base_model_name=str(out))
         write_json(out / "metrics.json", metrics)
+        write_json(out / FINISHED_NAME, {  # last: marks the run finished
+            "global_step": trainer.state.global_step, "max_steps": args.max_steps,
+            "num_train_epochs": args.num_train_epochs})
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         metrics = read_json(out / "metrics.json")

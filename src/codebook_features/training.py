@@ -191,6 +191,32 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+RUNTIME_SETTINGS = ("chunk_mib", "search_backend", "check_finite")
+"""Codebook settings that change how codes are found, not which: free to change on resume."""
+
+
+def check_checkpoint_config(checkpoint: str | os.PathLike, model: CodebookModel) -> None:
+    """Raise a CodebookError naming the first codebook setting (``num_codes``, ``placements``,
+    ...) in which ``model`` differs from the checkpoint it is to resume from."""
+    from .errors import CodebookError
+    from .io import read_json
+    from .model import CONFIG_NAME, CodebookModelConfig
+
+    meta = read_json(Path(checkpoint) / CONFIG_NAME)
+    raw = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(raw, dict):
+        raise CodebookError(f"{checkpoint}: {CONFIG_NAME} holds no codebook config; the "
+                            "checkpoint is corrupt, delete it to resume from an earlier one")
+    build = getattr(CodebookModelConfig, "from_saved", CodebookModelConfig.from_dict)
+    saved, now = build(raw).to_dict(), model.codebook_config.to_dict()
+    for key in sorted(set(saved) | set(now)):
+        if key not in RUNTIME_SETTINGS and saved.get(key) != now.get(key):
+            raise CodebookError(
+                f"{checkpoint}: the run to resume was started with codebooks.{key}="
+                f"{saved.get(key)!r}, the config now has {now.get(key)!r}; set codebooks.{key} "
+                "back to resume it, or pass a new training.output_dir to start over")
+
+
 class DeadCodeCallback(TrainerCallback):
     """Calls :func:`replace_dead_codes` every ``dead_code_interval`` optimizer steps."""
 
@@ -431,6 +457,7 @@ class CodebookTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None
                               ) -> None:
+        check_checkpoint_config(resume_from_checkpoint, self.codebook_model)
         loaded = CodebookModel.from_pretrained(resume_from_checkpoint,
                                                base_model=resume_from_checkpoint)
         target = self.codebook_model

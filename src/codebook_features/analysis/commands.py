@@ -43,12 +43,13 @@ def _index(args: argparse.Namespace) -> int:
 
     from ..data.text import load_text
     from ..errors import CodebookError
-    from ..io import read_json
+    from ..io import read_json, writable_dir
     from ..model import CodebookModel
     from .index import META_NAME, build_index
 
     if args.max_docs is not None and args.max_docs < 1:
         raise CodebookError(f"--max-docs {args.max_docs}: give at least 1")
+    writable_dir(args.out)  # unwritable: one line before any work
     texts = load_text(args.dataset, args.files, args.config, args.split, args.text_column,
                       streaming=args.streaming)  # bad data is answered before a model loads
     if args.max_docs is not None:

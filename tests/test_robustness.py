@@ -1,0 +1,172 @@
+"""Nothing lost, one clear line: finished runs left alone, resumes that say so, settings that
+no longer match their checkpoint, filesystem errors as one line, file permissions."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from tiny_models import story_workload
+
+from codebook_features.cli import main
+from codebook_features.errors import CodebookError
+from codebook_features.train import load_config, run_training
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stories-local.yaml"
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # permissions do not stop root
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    d = tmp_path_factory.mktemp("robust")
+    corpus, _, _ = story_workload(d, num_stories=120, seed=0, positions=64)
+    return d, corpus
+
+
+def overrides(d: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model={d / 'model'}", f"data.files=[{corpus}]", "data.seq_len=32",
+            "training.max_steps=2", "training.save_steps=2", "training.logging_steps=2",
+            f"training.output_dir={out}", "training.use_cpu=true", "training.report_to=[]",
+            "training.disable_tqdm=true", "codebooks.num_codes=16", "kmeans_init_batches=0",
+            "training.eval_strategy=no", *extra]
+
+
+def last_line(err: str) -> str:
+    """The last line of stderr (progress bars before it end in carriage returns)."""
+    lines = err.strip().splitlines()
+    assert lines and "Traceback" not in err
+    return lines[-1].rsplit("\r", 1)[-1]
+
+
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------- train
+def test_finished_run_is_left_alone_and_a_larger_max_steps_continues_it(workload, tmp_path,
+                                                                         capsys):
+    d, corpus = workload
+    out = tmp_path / "run"
+    first = run_training(load_config(CONFIG, overrides(d, corpus, out)))
+    final = _digest(out / "final")
+    capsys.readouterr()
+    again = run_training(load_config(CONFIG, overrides(d, corpus, out)))
+    err = capsys.readouterr().err
+    assert "already holds a finished run (2 steps" in err and "nothing to do" in err
+    assert again == json.loads(json.dumps(first))
+    assert _digest(out / "final") == final  # final/ untouched
+    assert not (out / "checkpoint-3").exists()  # no step past max_steps
+    # A larger max_steps continues from the last checkpoint.
+    more = run_training(load_config(CONFIG, overrides(d, corpus, out, "training.max_steps=4")))
+    err = capsys.readouterr().err
+    assert "continuing the finished run" in err and "max_steps=4" in err
+    assert f"resuming from {out / 'checkpoint-2'} (step 2)" in err
+    assert (out / "checkpoint-4").is_dir()
+    assert json.loads((out / "final" / "finished.json").read_text())["global_step"] == 4
+    assert more != first
+
+
+@pytest.mark.parametrize("change,field", [("codebooks.num_codes=32", "num_codes"),
+                                          ("codebooks.placements=[mlp_out]", "placements")])
+def test_resume_with_changed_codebooks_names_the_field(workload, tmp_path, change, field):
+    d, corpus = workload
+    out = tmp_path / "run"
+    run_training(load_config(CONFIG, overrides(d, corpus, out, "training.max_steps=2")))
+    (out / "final" / "finished.json").unlink()  # as if killed before final/ was written
+    (out / "checkpoint-2" / "trainer_state.json").write_text(
+        (out / "checkpoint-2" / "trainer_state.json").read_text().replace(
+            '"global_step": 2', '"global_step": 1'))  # ... and before the end
+    with pytest.raises(CodebookError, match=rf"checkpoint-2: the run to resume was started "
+                       rf"with codebooks\.{field}=.*set codebooks\.{field} back.*new "
+                       r"training\.output_dir"):
+        run_training(load_config(CONFIG, overrides(d, corpus, out, change)))
+
+
+def test_yaml_k_not_an_integer(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: m\ncodebooks: {k: two}\n")
+    with pytest.raises(CodebookError, match=r"codebooks\.k must be an integer, got 'two'"):
+        load_config(cfg)
+
+
+# ---------------------------------------------------------------- one line per OSError
+def test_out_naming_an_existing_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert main(["synthetic", "--out", str(f), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {f}: ") and "\n" not in err and "Traceback" not in err
+    assert main(["synthetic", "--out", str(f / "sub"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "a file is where a folder is needed" in err
+
+
+@pytest.mark.parametrize("code,fix", [(errno.EACCES, "permissions"),
+                                      (errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full")])
+def test_any_os_error_of_any_command_is_one_line(tmp_path, capsys, monkeypatch, code, fix):
+    """The handler is in cli.main: whatever write fails, in whatever command."""
+    import codebook_features.io as cio
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code), str(tmp_path / "out" / "x"))
+
+    monkeypatch.setattr(cio.tempfile, "mkstemp", fail)
+    assert main(["synthetic", "--out", str(tmp_path / "out"), "--steps", "1"]) == 2
+    err = last_line(capsys.readouterr().err)
+    assert err.startswith(f"error: {tmp_path / 'out' / 'x'}: {os.strerror(code)}; ")
+    assert fix in err
+
+
+@pytest.mark.skipif(ROOT, reason="root writes into read-only folders")
+def test_read_only_folder_is_one_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main(["synthetic", "--out", str(ro / "x"), "--steps", "1"]) == 2
+    finally:
+        ro.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert "Permission denied; check its permissions" in err and "\n" not in err
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    import torch
+
+    from codebook_features.io import write_json, write_safetensors, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        write_text(tmp_path / "b.html", "x")
+        write_safetensors(tmp_path / "c.safetensors", {"t": torch.zeros(1)})
+        os.umask(0o077)
+        write_json(tmp_path / "d.json", {})
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.html", "c.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE((tmp_path / "d.json").stat().st_mode) == 0o600
+
+
+def test_version(capsys):
+    from codebook_features import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == \
+        f"codebook-features {__version__}"
+
+
+def test_train_into_a_file_is_one_line_before_any_work(workload, tmp_path, capsys):
+    d, corpus = workload
+    f = tmp_path / "taken"
+    f.write_text("x")
+    for out, why in ((f, "File exists"), (f / "run", "Not a directory")):
+        assert main(["train", str(CONFIG), *overrides(d, corpus, out)]) == 2
+        assert last_line(capsys.readouterr().err).startswith(f"error: {f}: {why}; ")
+    assert f.read_text() == "x"
