@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import story_workload
 
 from codebook_features.cli import main
@@ -170,3 +171,13 @@ def test_train_into_a_file_is_one_line_before_any_work(workload, tmp_path, capsy
         assert main(["train", str(CONFIG), *overrides(d, corpus, out)]) == 2
         assert last_line(capsys.readouterr().err).startswith(f"error: {f}: {why}; ")
     assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_codebook_layer_refuses_integer_input(dtype):
+    from codebook_features import CodebookConfig, CodebookLayer
+
+    layer = CodebookLayer(CodebookConfig(dim=8, num_codes=4, k=1))
+    with pytest.raises(CodebookError, match=f"dtype {dtype} is not floating point"):
+        layer(torch.ones(3, 8, dtype=dtype))
+    assert layer(torch.ones(3, 8)).shape == (3, 8)

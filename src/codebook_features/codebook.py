@@ -229,6 +229,9 @@ class CodebookLayer(nn.Module):
             raise CodebookError(f"{c.name}: input of shape {shape} has width "
                                 f"{shape[-1] if isinstance(a, Tensor) and a.dim() else '?'}, "
                                 f"but the codebook expects width {c.dim}")
+        if not a.is_floating_point():
+            raise CodebookError(f"{c.name}: input of dtype {a.dtype} is not floating point; "
+                                "pass activations (e.g. x.float()), not token ids or codes")
         if c.check_finite and not _all_finite(a):
             raise CodebookError(f"{c.name}: input contains NaN or inf; no codes were chosen "
                                 "(check the model's activations, learning rate or precision)")
