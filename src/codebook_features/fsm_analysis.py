@@ -1,0 +1,316 @@
+"""The paper's TokFSM analyses of a codebook model, done as the authors do them (DESIGN §2b).
+
+* **State codes vs neurons** (:func:`state_codes_vs_neurons`): in every codebook (every site
+  and group), each state's best code, found on the positions of the state's final digit
+  (:func:`codebook_features.fsm.state_code_search`), against the best single dimension of
+  the attention and MLP outputs of every layer thresholded at the code's recall
+  (:func:`codebook_features.fsm.best_neuron_at_recall`). The neurons are read where the
+  residual stream receives them, i.e. after any codebook at that output.
+* **Code patching** (:func:`patch_states`): state B's codes are read by running BOS + B's
+  digits alone; at the final digit of state A in a held-out sequence, *all* codes of the
+  patched codebooks are overwritten with B's; the Jensen–Shannon divergence of the
+  next-token distribution from B's own (B alone) is averaged over (A, B) pairs and divided by
+  the same average without the patch (1: no effect, 0: the model behaves exactly as on B).
+
+Token positions follow :mod:`codebook_features.data.tokfsm` (BOS at position 0, then the
+digits of each state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import fsm as fm
+from . import sites as sites_mod
+from .errors import CodebookError
+
+ATTN_PLACEMENTS = ("attn_heads", "attn_out")
+MLP_PLACEMENTS = ("mlp_out", "mlp_hidden")
+
+
+@dataclass
+class Activations:
+    """One pass of a codebook model over token rows."""
+
+    codes: dict[str, torch.Tensor]
+    """Site name -> (positions, G, k) codes at every position (rows flattened)."""
+    neurons: torch.Tensor
+    """(positions, H) the attention and MLP outputs of every layer, side by side."""
+    neuron_blocks: list[tuple[int, str, int]]
+    """(layer, 'attn' or 'mlp', width) of each consecutive block of ``neurons``' columns."""
+
+    def neuron_name(self, column: int) -> str:
+        """``layer{i}.{attn|mlp}[dim]`` of a column of ``neurons``."""
+        start = 0
+        for layer, kind, width in self.neuron_blocks:
+            if column < start + width:
+                return f"layer{layer}.{kind}[{column - start}]"
+            start += width
+        raise CodebookError(f"neuron column {column} out of range (0..{start - 1})")
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def collect(cbm, ids: torch.Tensor, batch_size: int = 64) -> Activations:
+    """Codes of every site and the attention/MLP outputs of every layer on ``ids`` (N, T)."""
+    base = cbm.base_model
+    n_layers = sites_mod.num_layers(base)
+    outputs = sites_mod.find_sites(base, ["attn_out", "mlp_out"], None)
+    blocks = [(s.layer, "attn" if s.placement == "attn_out" else "mlp", s.dim) for s in outputs]
+    order = sorted(range(len(outputs)), key=lambda i: (blocks[i][0], blocks[i][1]))
+    outputs, blocks = [outputs[i] for i in order], [blocks[i] for i in order]
+    if len(outputs) != 2 * n_layers:
+        raise CodebookError("could not find the attention and MLP outputs of every layer")
+    captured: list[list[torch.Tensor]] = [[] for _ in outputs]
+    handles = []
+    for i, s in enumerate(outputs):
+        def hook(module, args, out, i=i):
+            captured[i].append(_output(out).detach().float().reshape(-1, blocks[i][2]).cpu())
+        handles.append(base.get_submodule(s.module).register_forward_hook(hook))
+    codes: dict[str, list[torch.Tensor]] = {n: [] for n in cbm.site_names}
+    was_training = cbm.training
+    cbm.eval()
+    try:
+        for i in range(0, len(ids), batch_size):
+            base(input_ids=ids[i:i + batch_size].to(fm.model_device(base)))
+            for n, layer in cbm.sites.items():
+                c = layer.last_codes
+                codes[n].append(c.reshape(-1, *c.shape[-2:]).cpu())
+    finally:
+        for h in handles:
+            h.remove()
+        cbm.train(was_training)
+    neurons = torch.cat([torch.cat(c) for c in captured], dim=1)
+    return Activations(codes={n: torch.cat(c) for n, c in codes.items()}, neurons=neurons,
+                       neuron_blocks=blocks)
+
+
+def final_digit_targets(fsm, ids: torch.Tensor) -> torch.Tensor:
+    """(N * T,) the state at each position holding a state's final digit, -1 elsewhere."""
+    states, digit = fsm.position_states(fsm.decode(ids))
+    return torch.where(digit == fsm.digits - 1, states, torch.full_like(states, -1)).reshape(-1)
+
+
+def codebook_names(cbm) -> list[tuple[str, int, str]]:
+    """(site, group, label) of every codebook; grouped sites are labelled ``site/g``."""
+    out = []
+    for n, layer in cbm.sites.items():
+        g_count = layer.config.groups
+        out += [(n, g, n if g_count == 1 else f"{n}/{g}") for g in range(g_count)]
+    return out
+
+
+def _r(x: float) -> float | None:
+    return None if x != x else round(float(x), 4)
+
+
+def state_codes_vs_neurons(cbm, fsm, acts: Activations, targets: torch.Tensor,
+                           headline: str, min_recall: float = 0.01) -> dict[str, Any]:
+    """Every codebook's state codes against the best neurons, the paper's way.
+
+    ``targets``: :func:`final_digit_targets` of the rows ``acts`` was collected on;
+    ``headline``: the codebook label (see :func:`codebook_names`) whose per-state figures are
+    reported in full (the paper: the last layer's MLP codebook). Returns the report's
+    ``state_codes`` and ``neurons`` sections.
+    """
+    names = codebook_names(cbm)
+    labels = [lab for _, _, lab in names]
+    if headline not in labels:
+        raise CodebookError(f"no codebook {headline!r}; codebooks: {', '.join(labels)}")
+    searches = {}
+    for site, g, label in names:
+        searches[label] = fm.state_code_search(
+            acts.codes[site][:, g], targets, cbm.site(site).config.num_codes, fsm.num_states,
+            min_recall=min_recall)
+    # one neuron search for every (codebook, state) with a code
+    q_states, q_recalls, q_where = [], [], []
+    for label, res in searches.items():
+        for s in torch.nonzero(res.found).reshape(-1).tolist():
+            q_states.append(s)
+            q_recalls.append(float(res.recall[s]))
+            q_where.append((label, s))
+    n_prec, n_idx = fm.best_neuron_at_recall(acts.neurons, targets, torch.tensor(q_states,
+                                             dtype=torch.long), torch.tensor(q_recalls))
+    neuron_p = {lab: torch.full((fsm.num_states,), float("nan"), dtype=torch.float64)
+                for lab in labels}
+    neuron_i = {lab: torch.full((fsm.num_states,), -1, dtype=torch.long) for lab in labels}
+    for (label, s), p, i in zip(q_where, n_prec.tolist(), n_idx.tolist(), strict=True):
+        neuron_p[label][s], neuron_i[label][s] = p, i
+
+    def summary(label: str) -> dict[str, Any]:
+        res = searches[label]
+        found = res.found
+        return {"mean_precision": _r(res.mean("precision")),
+                "mean_recall": _r(res.mean("recall")),
+                "states_with_code": int(found.sum()),
+                "neurons_mean_precision": _r(float(neuron_p[label][found].mean()))
+                if found.any() else None}
+
+    res = searches[headline]
+    found = torch.nonzero(res.found).reshape(-1).tolist()
+    per_state = [{"state": s, "code": int(res.code[s]), "precision": _r(res.precision[s]),
+                  "recall": _r(res.recall[s]), "activations": int(res.activations[s]),
+                  "positions": int(res.positions[s]),
+                  "neuron": acts.neuron_name(int(neuron_i[headline][s])),
+                  "neuron_precision": _r(neuron_p[headline][s])} for s in found]
+    head = summary(headline)
+    state_codes = {
+        "site": headline,
+        "method": "best code per state on its final-digit positions; recall <= "
+                  f"{min_recall:g} dropped",
+        "num_states": fsm.num_states,
+        "states_covered": head["states_with_code"],
+        "mean_precision": head["mean_precision"],
+        "mean_recall": head["mean_recall"],
+        "precisions": [row["precision"] for row in per_state],
+        "per_state": per_state,
+        "codebooks": {lab: summary(lab) for lab in labels},
+    }
+    neurons = {
+        "count": int(acts.neurons.shape[1]),
+        "set": "every dimension of the attention and MLP outputs of every layer "
+               f"({len(acts.neuron_blocks) // 2} layers), thresholded at the code's recall",
+        "mean_precision": head["neurons_mean_precision"],
+        "precisions": [row["neuron_precision"] for row in per_state],
+    }
+    return {"state_codes": state_codes, "neurons": neurons}
+
+
+def patch_conditions(cbm) -> dict[str, list[str]]:
+    """The paper's patching conditions over this model's sites: ``attn_layer0``,
+    ``mlp_layer{i}`` for every layer with an MLP codebook, ``attn_all``, ``mlp_all``,
+    ``attn_mlp_all`` (conditions without sites are left out)."""
+    specs = cbm.site_specs
+    attn = [n for n, s in specs.items() if s.placement in ATTN_PLACEMENTS]
+    mlp = [n for n, s in specs.items() if s.placement in MLP_PLACEMENTS]
+    out: dict[str, list[str]] = {}
+    first = [n for n in attn if specs[n].layer == 0]
+    if first:
+        out["attn_layer0"] = first
+    for layer in sorted({specs[n].layer for n in mlp}):
+        out[f"mlp_layer{layer}"] = [n for n in mlp if specs[n].layer == layer]
+    if attn:
+        out["attn_all"] = attn
+    if mlp:
+        out["mlp_all"] = mlp
+    if attn and mlp:
+        out["attn_mlp_all"] = attn + mlp
+    return out
+
+
+@torch.no_grad()
+def state_alone_codes(cbm, fsm) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run BOS + each state's digits alone: every site's codes at the final digit
+    ``{site: (S, G, k)}`` and the next-token distribution there (S, V)."""
+    prompts = fsm.encode(torch.arange(fsm.num_states)[:, None], bos=True)
+    logits = fm._logits(cbm.base_model(input_ids=prompts.to(fm.model_device(cbm.base_model))))
+    codes = {n: layer.last_codes[:, -1].cpu() for n, layer in cbm.sites.items()}
+    return codes, torch.softmax(logits[:, -1].double(), -1).cpu()
+
+
+def patch_codes(cbm, sites: Sequence[str], codes: dict[str, torch.Tensor], position: int
+                ) -> None:
+    """Overwrite every group's and slot's code of ``sites`` at ``position`` with ``codes``
+    (``{site: (G, k)}``); undo with ``cbm.clear_interventions()``."""
+    for n in sites:
+        layer = cbm.site(n)
+        c = codes[n]
+        for g in range(c.shape[0]):
+            for slot in range(c.shape[1]):
+                layer.replace_code(int(c[g, slot]), slot=slot, group=g, positions=[position])
+
+
+@torch.no_grad()
+def patch_states(cbm, fsm, ids: torch.Tensor, pairs_per_state: int = 10, seed: int = 0,
+                 conditions: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The paper's patching experiment; returns the report's ``intervention`` section.
+
+    For every state B, ``pairs_per_state`` held-out rows of ``ids`` are cut after the state
+    A at one random state index (rows where A == B are skipped). For each condition (default
+    :func:`patch_conditions`), B's codes (:func:`state_alone_codes`) overwrite all codes of
+    the condition's codebooks at A's final digit, and the next-token distribution there is
+    compared with B's own: ``normalized_jsd[cond] = mean JSD(patched, B) / mean JSD(A, B)``
+    over the pairs. ``success``: the share of next-state probability on B's successors after
+    the ``mlp_all`` patch (mean over pairs; ``success_before``: the same without patching).
+    ``pairs_used``: ``[A, B, row, j]`` of every pair (A is state ``j`` of row ``row``).
+    """
+    conditions = patch_conditions(cbm) if conditions is None else conditions
+    if not conditions:
+        raise CodebookError("patch_states: the model has no attention or MLP codebooks")
+    ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+    states = fsm.decode(ids)
+    if states.shape[1] < 2:
+        raise CodebookError("patch_states needs held-out sequences of at least 2 states")
+    was_training = cbm.training
+    cbm.eval()
+    cbm.clear_interventions()
+    b_codes, b_probs = state_alone_codes(cbm, fsm)
+    gen = torch.Generator().manual_seed(seed)
+    dev = fm.model_device(cbm.base_model)
+    d = fsm.digits
+    jsd = {name: [] for name in ["none", *conditions]}
+    succ_before, succ_after, pair_list = [], [], []
+    adjacency = torch.as_tensor(fsm.adjacency, dtype=torch.bool)
+    try:
+        for b in range(fsm.num_states):
+            j = int(torch.randint(0, states.shape[1] - 1, (1,), generator=gen))
+            rows = torch.randperm(len(ids), generator=gen)
+            rows = rows[states[rows, j] != b][:pairs_per_state]
+            rows = rows[states[rows, j] >= 0]
+            if rows.numel() == 0:
+                continue
+            prefix = ids[rows, : 1 + d * (j + 1)]
+            pos = d * (j + 1)  # A's final digit (the prefix's last position)
+            target = b_probs[b].expand(len(rows), -1)
+            site_codes = {n: c[b] for n, c in b_codes.items()}
+            for name in jsd:
+                if name != "none":
+                    patch_codes(cbm, conditions[name], site_codes, pos)
+                logits = fm._logits(cbm.base_model(input_ids=prefix.to(dev)))[:, -1]
+                p = torch.softmax(logits.double(), -1).cpu()
+                jsd[name].append(fm.js_divergence(p, target, normalized=False))
+                cbm.clear_interventions()
+            mask = adjacency[b]
+            succ_before.append(fm.successor_mass(fm.next_state_probs(cbm.base_model, prefix,
+                                                                     fsm), mask))
+            if "mlp_all" in conditions:
+                patch_codes(cbm, conditions["mlp_all"], site_codes, pos)
+                succ_after.append(fm.successor_mass(fm.next_state_probs(cbm.base_model, prefix,
+                                                                        fsm), mask))
+                cbm.clear_interventions()
+            pair_list += [[int(states[r, j]), b, int(r), j] for r in rows.tolist()]
+    finally:
+        cbm.clear_interventions()
+        cbm.train(was_training)
+    if not pair_list:
+        return {"pairs": 0, "note": "no (A, B) pairs: too few held-out sequences"}
+    per = {name: torch.cat(v) for name, v in jsd.items()}
+    base = float(per["none"].mean())
+    normalized = {name: _r(float(v.mean()) / base) if base > 0 else None
+                  for name, v in per.items() if name != "none"}
+    before = torch.cat(succ_before)
+    out = {
+        "pairs": len(pair_list),
+        "method": "B's codes from BOS + B alone overwrite all codes of the patched codebooks "
+                  "at A's final digit; JSD of the next-token distribution from B's own, "
+                  "averaged over pairs and divided by the unpatched average",
+        "jsd_unpatched": _r(base),
+        "jsd": {name: _r(float(v.mean())) for name, v in per.items() if name != "none"},
+        "normalized_jsd": normalized,
+        "conditions": {name: list(s) for name, s in conditions.items()},
+        "success_before": _r(float(before.mean())),
+        "success": None,
+        "pairs_used": pair_list,
+    }
+    if succ_after:
+        after = torch.cat(succ_after)
+        out["success"] = _r(float(after.mean()))
+        out["median_success"] = _r(float(after.median()))
+    return out
