@@ -181,3 +181,55 @@ def test_codebook_layer_refuses_integer_input(dtype):
     with pytest.raises(CodebookError, match=f"dtype {dtype} is not floating point"):
         layer(torch.ones(3, 8, dtype=dtype))
     assert layer(torch.ones(3, 8)).shape == (3, 8)
+
+
+# ---------------------------------------------------------------- eval, steer, help
+def test_eval_refuses_a_config_whose_model_or_tokenizer_is_not_the_base(workload, tmp_path,
+                                                                       capsys):
+    from codebook_features.model import CodebookModel, load_base_model
+
+    d, corpus = workload
+    other = tmp_path / "other"
+    other.mkdir()
+    story_workload(other, num_stories=40, seed=5, positions=64)  # another tokenizer and model
+    out = tmp_path / "run"
+    run_training(load_config(CONFIG, overrides(d, corpus, out)))
+    final = str(out / "final")
+    args = overrides(d, corpus, out, "data.eval_split=train", "data.max_eval_rows=4")
+    # finetuned folder (base weights and tokenizer saved with it): the config's tokenizer
+    assert main(["eval", final, str(CONFIG), *args, f"model={other / 'model'}"]) == 2
+    assert "the tokenizer saved with the model differs from the config's" in \
+        last_line(capsys.readouterr().err)
+    assert not (out / "final" / "eval_metrics.json").exists()
+    assert main(["eval", final, str(CONFIG), *args]) == 0  # the run's own config
+    capsys.readouterr()
+    # codebooks alone: the config's model must be the base they were trained on
+    cb = tmp_path / "cb"
+    CodebookModel(load_base_model(d / "model"), placements=["attn_heads"], num_codes=8
+                  ).save_codebooks(cb, base_model_name=str(d / "model"))
+    assert main(["eval", str(cb), str(CONFIG), *args, f"model={other / 'model'}"]) == 2
+    err = last_line(capsys.readouterr().err)
+    assert f"trained on base model {d / 'model'}, the config names model={other / 'model'}" \
+        in err
+    assert main(["eval", str(cb), str(CONFIG), *args]) == 0
+
+
+def test_help_texts(capsys):
+    import re
+
+    for cmd, options in (("steer", ("--samples", "--max-new-tokens", "--temperature",
+                                    "--seed", "--code")),
+                         ("eval", ("--batch-size", "--out"))):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for opt in options:  # each option has words after its metavar
+            assert re.search(rf"{opt} [A-Z_:]+ [a-z(]", text), (cmd, opt)
+        if cmd == "eval":
+            assert "metrics.json and table.md" not in text
+
+
+def test_steer_without_code_refuses(tmp_path, capsys):
+    assert main(["steer", str(tmp_path / "nowhere")]) == 2
+    err = last_line(capsys.readouterr().err)
+    assert err.startswith("error: no --code given: the generation would run unsteered")

@@ -93,28 +93,64 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("codebooks", help="folder written by save_codebooks (e.g. OUTPUT/final)")
     p.add_argument("config", help="the training config (its model and data sections are used)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p.add_argument("--out", help="write metrics.json and table.md here (default: CODEBOOKS)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="folder to write the results into (eval_metrics.json, "
+                                 "eval_table.md; default: CODEBOOKS)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="rows of data.seq_len tokens per forward pass (%(default)s)")
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two model/tokenizer names (hub names or folders) name the same thing."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() or pb.exists():
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return a == b
+
+
+def model_and_tokenizer(codebooks: str, cfg: Any) -> tuple[Any, Any]:
+    """The saved codebook model and the tokenizer to evaluate it with, refusing a config
+    whose model or tokenizer is not the codebooks' base: a finetuned run's folder (base
+    weights and tokenizer saved beside the codebooks) is evaluated with its own tokenizer,
+    which the config's must equal; codebooks alone need the config's model to be the base
+    they were trained on."""
+    from transformers import AutoTokenizer
+
+    from .io import read_json
+    from .model import CONFIG_NAME, CodebookModel
+
+    d = Path(codebooks)
+    named = cfg.tokenizer or cfg.model
+    own = (d / "config.json").is_file()  # finetuned: base weights beside the codebooks
+    if not own:
+        recorded = str((read_json(d / CONFIG_NAME).get("base_model") or {})
+                       .get("name_or_path") or "")
+        if recorded and not _same_source(recorded, cfg.model):
+            raise CodebookError(f"{d}: the codebooks were trained on base model {recorded}, "
+                                f"the config names model={cfg.model}; evaluate with the run's "
+                                f"config (or the override model={recorded})")
+    model = CodebookModel.from_pretrained(d, base_model=d if own else cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(named)
+    if own and (d / "tokenizer_config.json").is_file():
+        saved = AutoTokenizer.from_pretrained(d)
+        if saved.get_vocab() != tokenizer.get_vocab():
+            raise CodebookError(f"{d}: the tokenizer saved with the model differs from the "
+                                f"config's ({named}); evaluate with the run's config (or the "
+                                f"override tokenizer={d})")
+        tokenizer = saved
+    return model, tokenizer
 
 
 @command("eval", "evaluate saved codebooks on a dataset; print the paper's Table 2", _options)
 def _eval(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from .data.text import load_text, pack, take_rows
     from .io import write_json, write_text
-    from .model import CodebookModel
     from .train import STREAM_EVAL_ROWS, load_config
 
     cfg = load_config(args.config, args.overrides)
     d = cfg.data
     if not Path(args.codebooks).is_dir():
         raise CodebookError(f"codebook folder {args.codebooks} not found")
-    # A finetuned run saves its base weights beside the codebooks; else the config's model.
-    own = (Path(args.codebooks) / "config.json").is_file()
-    model = CodebookModel.from_pretrained(args.codebooks,
-                                          base_model=args.codebooks if own else cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    model, tokenizer = model_and_tokenizer(args.codebooks, cfg)
     text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column,
                      d.streaming)
     rows = d.max_eval_rows or (STREAM_EVAL_ROWS if d.streaming else None)

@@ -370,16 +370,21 @@ def _options(p: Any) -> None:
     p.add_argument("codebooks", help="folder written by save_codebooks (e.g. OUTPUT/final)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, from BOS)")
     p.add_argument("--code", action="append", default=[], metavar="SITE:GROUP:CODE",
-                   help="a code to force on (repeat for several)")
+                   help="a code to force on (repeat for several; at least one)")
     p.add_argument("--mode", choices=MODES, default="append",
                    help="add the codes to the chosen ones, or write them over the weakest")
     p.add_argument("--positions", default="all",
                    help="all, prompt, generated, or token positions like 0,3,5")
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--samples", type=int, default=4,
+                   help="generations of each kind, unsteered and steered (%(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=40,
+                   help="tokens generated after the prompt (%(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature, > 0 (%(default)s; ignored with --greedy)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the sampling: the same seed, the same text "
+                        "(%(default)s)")
     p.add_argument("--base", help="base model folder or hub name (default: the recorded one)")
     p.add_argument("--tokenizer", help="tokenizer (default: the base model's)")
 
@@ -405,6 +410,10 @@ def _steer_command(args: Any) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if not args.code:
+        raise CodebookError("no --code given: the generation would run unsteered; pass "
+                            "--code SITE:GROUP:CODE (repeat for several), e.g. from "
+                            "`codebook-features search`")
     codes = [parse_steer_code(c) for c in args.code]
     positions = _positions_arg(args.positions)
     model = CodebookModel.from_pretrained(args.codebooks, base_model=args.base)
