@@ -55,7 +55,8 @@ def test_every_architecture(arch: str) -> None:
 
     # Logging loss: detached, positive, the sum of lambda * MSE.
     loss = model.codebook_loss()
-    assert not loss.requires_grad and float(loss) > 0
+    want = sum(layer.config.mse_coeff * float(layer.last_mse) for layer in model.sites.values())
+    assert not loss.requires_grad and float(loss) == pytest.approx(want, rel=1e-6) and want > 0
 
     # Generation with the codebooks on; codes then come from the last (one-token) step.
     model.eval()
