@@ -275,6 +275,11 @@ def test_search_with_kernel_equals_torch_only(monkeypatch):
     x = torch.randn(300, 2, 32, generator=gen)
     book = F.normalize(torch.randn(2, 1000, 32, generator=gen), dim=-1)
     fast = snap.search(x, book, 3, "inner", chunk_mib=0.1, backend="torch")
+    # float64 naive top-k: the same codes, best first, and their scores
+    exact = torch.einsum("ngd,gcd->ngc", x.double(), book.double())
+    ref_v, ref_i = naive_topk(exact, 3)
+    assert torch.equal(fast.codes, ref_i)
+    torch.testing.assert_close(fast.scores.double(), ref_v, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(kernels, "available", lambda: False)
     slow = snap.search(x, book, 3, "inner", chunk_mib=0.1, backend="torch")
     assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scores, slow.scores)
@@ -341,3 +346,42 @@ def test_layer_float32_matches_torch_only(monkeypatch, k, combine):
     slow = run()
     for f, s in zip(fast, slow, strict=True):
         torch.testing.assert_close(torch.as_tensor(f), torch.as_tensor(s), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,combine", [(1, "mean"), (3, "mean"), (2, "sum")])
+def test_layer_float32_with_kernels_matches_naive_float64(k, combine):
+    """The float32 layer, kernels on (search, MSE, codebook gradient), against the naive
+    full-matrix layer of tests/test_codebook.py run in float64 on the same weights."""
+    import copy
+
+    from test_codebook import naive_snap
+
+    from codebook_features import CodebookLayer
+
+    torch.manual_seed(0)
+    layer = CodebookLayer(dim=64, num_codes=300, k=k, combine=combine, groups=2, mse_coeff=0.7)
+    with torch.no_grad():
+        layer.ln.weight.uniform_(0.5, 1.5)
+        layer.ln.bias.uniform_(-0.2, 0.2)
+    ref = copy.deepcopy(layer).double()
+    a = torch.randn(2, 500, 64, requires_grad=True)
+    r = torch.linspace(-1, 1, 64)
+    out = layer(a)
+    (out * r).sum().backward()
+
+    a64 = a.detach().double().requires_grad_()
+    res = naive_snap(ref, a64)
+    ref_out, mse, ref_codes = res[0], res[1], res[2]
+    beta = getattr(ref.config, "commitment_coeff", 0.0)
+    loss = (ref_out * r.double()).sum() + 0.7 * mse
+    if beta:
+        loss = loss + beta * res[3]
+    loss.backward()
+    codes = layer.last_codes.reshape(-1, 2, k)
+    assert torch.equal(codes.sort(-1).values, ref_codes.sort(-1).values)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.last_mse.double(), mse.detach(), rtol=1e-5, atol=0)
+    for got, want in ((a.grad, a64.grad), (layer.codebook.grad, ref.codebook.grad),
+                      (layer.ln.weight.grad, ref.ln.weight.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
