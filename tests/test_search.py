@@ -96,11 +96,14 @@ def test_auto_resolution(monkeypatch, kernel):
                     backend="faiss")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: never the kernel
 @pytest.mark.parametrize("c,k", [(10000, 8), (1000, 1), (1000, 3), (4096, 16), (997, 2)])
-def test_topk_last_exact(c, k):
+def test_topk_last_exact(c, k, dtype):
     gen = torch.Generator().manual_seed(c + k)
-    s = torch.randn(2, 33, c, generator=gen)
+    s = torch.randn(2, 33, c, generator=gen, dtype=dtype)
     bs = snap.block_size(c, k)
+    if dtype == torch.float64:
+        assert not kernels.supports(s)  # the block-max path (bs) or torch's topk
     v, i = snap.topk_last(s, k, bs)
     rv, ri = s.topk(k, -1)
     assert torch.equal(i, ri) and torch.equal(v, rv)
