@@ -16,10 +16,22 @@ from codebook_features import CodebookConfig, CodebookError, CodebookLayer
 def naive_snap(layer: CodebookLayer, a: torch.Tensor, ablate: dict | None = None):
     """Full similarity matrix, explicit one-hot combine, autograd for every gradient.
 
-    Returns (output with straight-through gradient, MSE term, codes (N, G, k)).
+    Returns (output with straight-through gradient, reconstruction term (lambda = 1),
+    codes (N, G, k)). The reconstruction term is the paper's (sum over the site's features,
+    mean over tokens) or, with ``mse_reduction="mean"``, the per-element mean; a
+    ``commitment_coeff`` pulls the input toward its codes; ``codes_lm_grad=False`` keeps the
+    downstream gradient off the codes.
     """
     c = layer.config
-    x = F.layer_norm(a, (c.dim,), layer.ln.weight, layer.ln.bias) if layer.ln is not None else a
+    dg = c.group_dim
+    if layer.ln is None:
+        x = a
+    elif c.layernorm_scope == "group":  # one LayerNorm per group's slice, written out
+        w, b = layer.ln.weight, layer.ln.bias
+        x = torch.cat([F.layer_norm(a[..., g * dg:(g + 1) * dg], (dg,), w[g * dg:(g + 1) * dg],
+                                    b[g * dg:(g + 1) * dg]) for g in range(c.groups)], -1)
+    else:
+        x = F.layer_norm(a, (c.dim,), layer.ln.weight, layer.ln.bias)
     n = x.reshape(-1, c.dim).shape[0]
     xg = x.reshape(n, c.groups, c.group_dim)
     ys, all_codes = [], []
@@ -44,9 +56,11 @@ def naive_snap(layer: CodebookLayer, a: torch.Tensor, ablate: dict | None = None
         ys.append(onehot @ book)
         all_codes.append(codes)
     y = torch.stack(ys, 1)
-    out = y + xg - xg.detach()
-    mse = (y - xg.detach()).pow(2).mean()
-    return out.reshape(a.shape), mse, torch.stack(all_codes, 1)
+    out = (y if c.codes_lm_grad else y.detach()) + xg - xg.detach()
+    sq = (y - xg.detach()).pow(2).sum()
+    mse = sq / n if c.mse_reduction == "sum" else sq / xg.numel()
+    commit = (xg - y.detach()).pow(2).sum()  # the commitment term: reaches x only
+    return out.reshape(a.shape), mse, torch.stack(all_codes, 1), commit
 
 
 def make_layer(**kw) -> CodebookLayer:
@@ -72,7 +86,26 @@ def sorted_codes(codes: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("combine", ["mean", "sum"])
 @pytest.mark.parametrize("groups,k", [(1, 1), (1, 3), (4, 2)])
 def test_matches_naive(similarity, combine, groups, k):
-    layer = make_layer(similarity=similarity, combine=combine, groups=groups, k=k, mse_coeff=0.7)
+    _check_naive(dict(similarity=similarity, combine=combine, groups=groups, k=k))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(layernorm_scope="site"), dict(mse_reduction="mean"),
+    dict(commitment_coeff=0.3), dict(commitment_coeff=0.25, codes_lm_grad=False),
+    dict(mse_coeff=0.0, commitment_coeff=0.5), dict(codes_lm_grad=False, k=1, combine="sum"),
+])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_settings_match_naive(settings, groups):
+    """Each setting of the authors' code (their LayerNorm per group or ours per site, the
+    paper's lambda or the per-element one, commitment, vqvae) against the naive layer."""
+    _check_naive({"k": 2, "groups": groups, **settings})
+
+
+def _check_naive(settings: dict) -> None:
+    groups, k = settings["groups"], settings["k"]
+    lam = settings.setdefault("mse_coeff", 0.7)
+    layer = make_layer(**settings)
+    beta = layer.config.commitment_coeff
     a = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 9, 24, dtype=torch.float64)
 
@@ -84,8 +117,8 @@ def test_matches_naive(similarity, combine, groups, k):
 
     a.grad = None
     layer.zero_grad()
-    ref_out, mse, ref_codes = naive_snap(layer, a)
-    ((ref_out * r).sum() + 0.7 * mse).backward()
+    ref_out, mse, ref_codes, commit = naive_snap(layer, a)
+    ((ref_out * r).sum() + lam * mse + beta * commit).backward()
     want = [a.grad, layer.codebook.grad, layer.ln.weight.grad, layer.ln.bias.grad]
 
     assert torch.equal(sorted_codes(codes), sorted_codes(ref_codes))
@@ -130,25 +163,28 @@ def test_chunked_equals_unchunked_and_bounded():
 
 
 def test_grouped_equals_separate_layers():
+    """A grouped layer is G separate layers on the slices, each with its own LayerNorm and
+    the same lambda: the authors' GroupCodebookLayer (their per-group MSE terms add up to the
+    paper's sum over the whole width)."""
     g = 4
-    grouped = make_layer(groups=g, k=2, layernorm=False)
-    parts = [make_layer(dim=6, groups=1, k=2, layernorm=False, seed=i) for i in range(g)]
+    grouped = make_layer(groups=g, k=2)
+    parts = [make_layer(dim=6, groups=1, k=2, seed=i) for i in range(g)]
     with torch.no_grad():
         for i, p in enumerate(parts):
             p.codebook.copy_(grouped.codebook[i : i + 1])
+            p.ln.weight.copy_(grouped.ln.weight[6 * i : 6 * (i + 1)])
+            p.ln.bias.copy_(grouped.ln.bias[6 * i : 6 * (i + 1)])
     a = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
     out = grouped(a)
     out.pow(2).sum().backward()
     a_sep = a.detach().clone().requires_grad_()
-    # The per-layer MSE is a mean over its own slice: scale so the sum matches the grouped mean.
-    for p in parts:
-        p.config.mse_coeff = 1.0 / g
     outs = [p(a_sep[..., 6 * i : 6 * (i + 1)]) for i, p in enumerate(parts)]
     torch.cat(outs, -1).pow(2).sum().backward()
     torch.testing.assert_close(out, torch.cat(outs, -1))
     for i, p in enumerate(parts):
         torch.testing.assert_close(grouped.last_codes[..., i, :], p.last_codes[..., 0, :])
         torch.testing.assert_close(grouped.codebook.grad[i], p.codebook.grad[0])
+        torch.testing.assert_close(grouped.ln.weight.grad[6 * i : 6 * (i + 1)], p.ln.weight.grad)
     torch.testing.assert_close(a.grad, a_sep.grad)
 
 
@@ -296,7 +332,7 @@ def test_ablate_matches_naive():
     layer.ablate_codes(victims, group=1)
     with torch.no_grad():
         out = layer(a)
-        ref, _, _ = naive_snap(layer, a, ablate={1: set(victims)})
+        ref, _, _, _ = naive_snap(layer, a, ablate={1: set(victims)})
     torch.testing.assert_close(out, ref)
 
 

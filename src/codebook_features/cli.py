@@ -69,7 +69,8 @@ def _load_commands() -> None:
     """Import the modules that register subcommands (kept lazy: torch loads only on use)."""
     import importlib
 
-    for mod in ("demo", "story_demo", "steering", "train", "evaluate", "analysis.commands"):
+    for mod in ("demo", "story_demo", "steering", "train", "evaluate", "convert", "hub",
+                "analysis.commands"):
         try:
             importlib.import_module(f".{mod}", __package__)
         except ModuleNotFoundError as e:

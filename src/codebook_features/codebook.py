@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import snap
 from .errors import CodebookError
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 CONFIG_NAME = "codebook_config.json"
+LAYERNORM_SCOPES = ("group", "site")
+MSE_REDUCTIONS = ("sum", "mean")
 RECENT_ROWS = 4096
 """Recent normed inputs kept per layer as candidates for replacing dead codes."""
 WEIGHTS_NAME = "codebook.safetensors"
@@ -44,9 +47,25 @@ class CodebookSettings:
     combine: str = "mean"
     """How the k chosen codes become the output: mean or sum."""
     mse_coeff: float = 1.0
-    """Weight of MSE(output, stop_grad(input)) in the codebook gradient (lambda)."""
+    """lambda: weight of the reconstruction term |output - stop_grad(input)|^2 in the codebook
+    gradient, reduced as ``mse_reduction``. 1 is the paper's lambda = 1 (the authors'
+    ``aeloss``); 0 their ``base`` loss."""
+    mse_reduction: str = "sum"
+    """sum: summed over the site's features and averaged over tokens (the paper's, and the
+    authors' code); mean: averaged over features too, so lambda is width times weaker (what
+    codebooks saved before format 2 used, kept for them)."""
+    commitment_coeff: float = 0.0
+    """beta: the input is also pulled toward its codes, its gradient gaining 2 beta (x - y)
+    (the authors' ``fullaeloss-beta`` and ``vqvae-beta``); 0 for none."""
+    codes_lm_grad: bool = True
+    """Whether the chosen codes also get the downstream (LM) gradient; False with mse_coeff 1
+    and a commitment_coeff is the authors' ``vqvae`` loss."""
     layernorm: bool = True
     """Apply a LayerNorm with trainable affine to the input first."""
+    layernorm_scope: str = "group"
+    """group: each group's slice is normalised on its own (the authors' grouped codebooks);
+    site: the whole width at once, then split (codebooks saved before format 2). The same
+    for one group."""
     dead_code_window: int = 100
     """Training steps without firing after which a code counts as dead."""
     chunk_mib: float = 16.0
@@ -59,6 +78,8 @@ class CodebookSettings:
     """Reject NaN/inf inputs with a clear error (one host sync per forward)."""
 
     _label: ClassVar[str] = "codebook settings"
+    LEGACY: ClassVar[dict[str, Any]] = {"mse_reduction": "mean", "layernorm_scope": "site"}
+    """What settings that a saved config lacks meant before they existed (format 1)."""
 
     @classmethod
     def shared_fields(cls) -> tuple[str, ...]:
@@ -75,6 +96,13 @@ class CodebookSettings:
         if unknown:
             raise CodebookError(f"unknown {cls._label} keys {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> Self:
+        """Build from a config saved earlier: a setting it lacks keeps its old meaning."""
+        if not isinstance(d, dict):
+            raise CodebookError(f"saved {cls._label} is not a mapping; the file is corrupt")
+        return cls.from_dict({**{k: v for k, v in cls.LEGACY.items() if k not in d}, **d})
 
 
 @dataclass(kw_only=True)
@@ -117,9 +145,19 @@ class CodebookConfig(CodebookSettings):
         if self.search_backend == "faiss" and not snap.faiss_available():
             raise CodebookError(f"{n}: search_backend 'faiss' needs the faiss package; "
                                 "install faiss-cpu or use 'auto'")
-        if self.mse_coeff < 0 or self.chunk_mib <= 0 or self.dead_code_window < 1:
-            raise CodebookError(f"{n}: mse_coeff must be >= 0, chunk_mib > 0 and "
-                                "dead_code_window >= 1")
+        for key, allowed in (("mse_reduction", MSE_REDUCTIONS),
+                             ("layernorm_scope", LAYERNORM_SCOPES)):
+            if getattr(self, key) not in allowed:
+                raise CodebookError(f"{n}: unknown {key} {getattr(self, key)!r}; choose one of "
+                                    f"{', '.join(allowed)}")
+        for key in ("mse_coeff", "commitment_coeff", "chunk_mib"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise CodebookError(f"{n}: {key} must be a number >= 0, got {v!r}")
+        if self.chunk_mib <= 0 or not isinstance(self.dead_code_window, int) or \
+                self.dead_code_window < 1:
+            raise CodebookError(f"{n}: chunk_mib must be > 0 and dead_code_window an "
+                                "integer >= 1")
 
     @property
     def group_dim(self) -> int:
@@ -177,6 +215,28 @@ def _all_finite(a: Tensor) -> bool:
     return bool(torch.isfinite(a).all())
 
 
+class GroupLayerNorm(nn.Module):
+    """LayerNorm of each of ``groups`` equal slices of the width on its own, with one affine
+    over the whole width: the authors' grouped codebooks (one ``LayerNorm(d/G)`` per group).
+
+    ``F.group_norm`` on ``(tokens, width)`` computes exactly that in one fused pass, with the
+    same ``weight``/``bias`` names and shapes as ``nn.LayerNorm(width)``.
+    """
+
+    def __init__(self, dim: int, groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, a: Tensor) -> Tensor:
+        flat = a.reshape(-1, a.shape[-1])
+        return F.group_norm(flat, self.groups, self.weight, self.bias, self.eps).view(a.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, groups={self.groups}, eps={self.eps}"
+
+
 class CodebookLayer(nn.Module):
     """A codebook bottleneck for activations of width ``config.dim`` (any leading shape)."""
 
@@ -188,7 +248,10 @@ class CodebookLayer(nn.Module):
             config = dataclasses.replace(config, **kwargs)
         self.config = config
         g, c, dg = config.groups, config.num_codes, config.group_dim
-        self.ln = nn.LayerNorm(config.dim) if config.layernorm else None
+        self.ln: nn.Module | None = None
+        if config.layernorm:
+            self.ln = (GroupLayerNorm(config.dim, g) if g > 1 and config.layernorm_scope == "group"
+                       else nn.LayerNorm(config.dim))
         self.codebook = nn.Parameter(torch.randn(g, c, dg))
         # Statistics, saved with the layer so that a resumed run keeps its dead-code state.
         self.register_buffer("code_counts", torch.zeros(g, c, dtype=torch.long))
@@ -282,10 +345,13 @@ class CodebookLayer(nn.Module):
         self.last_scores = scores.view(*lead, c.groups, c.k)
         if self.bypass:
             return a
-        y = snap.snap_combine(xg, self.codebook, codes, weights, c.mse_coeff)
+        y = snap.snap_combine(xg, self.codebook, codes, weights, c.mse_coeff,
+                              reduction=c.mse_reduction, commitment_coeff=c.commitment_coeff,
+                              codes_lm_grad=c.codes_lm_grad)
         with torch.no_grad():
             err = snap.sq_error(y, xg)  # no (N, d) temporary
-            self.last_mse = err / xg.numel()
+            # The reconstruction term as the loss reduces it (per token, or per element).
+            self.last_mse = err / (xg.shape[0] if c.mse_reduction == "sum" else xg.numel())
             if self.training and self.track_stats and not _in_backward():
                 self._update_stats(xg.detach(), codes, err)
         return y.view(*lead, c.dim).to(a.dtype)
@@ -509,7 +575,7 @@ class CodebookLayer(nn.Module):
              ) -> CodebookLayer:
         """Load a layer saved by :meth:`save`, checking the config against the weights."""
         path = Path(path)
-        config = CodebookConfig.from_dict(read_json(path / CONFIG_NAME))
+        config = CodebookConfig.from_saved(read_json(path / CONFIG_NAME))
         layer = cls(config)
         layer.load_tensors(read_safetensors(path / WEIGHTS_NAME), source=str(path))
         return layer.to(map_location)

@@ -31,7 +31,9 @@ from .io import read_json, read_safetensors, write_json, write_safetensors
 CONFIG_NAME = "codebook_model.json"
 WEIGHTS_NAME = "codebooks.safetensors"
 FORMAT = "codebook-features/model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: per-group LayerNorm and the paper's lambda by default (``layernorm_scope``,
+``mse_reduction``); a format-1 config lacks those keys and keeps their old meaning."""
 
 
 @dataclass(kw_only=True)
@@ -266,33 +268,55 @@ class CodebookModel(nn.Module):
                       for name, s in self.site_specs.items()},
         }
         write_safetensors(d / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
+        from .modelcard import write_model_card  # README.md, the hub's model card
+
+        write_model_card(d, meta)
         write_json(d / CONFIG_NAME, meta)  # written last: its presence marks a complete save
 
     @classmethod
     def from_pretrained(cls, codebook_dir: str | os.PathLike,
                         base_model: nn.Module | str | os.PathLike | None = None,
                         **base_kwargs: Any) -> CodebookModel:
-        """Load codebooks saved by :meth:`save_codebooks` onto a base model.
+        """Load codebooks from a folder or a hub id onto a base model.
 
-        ``base_model``: a model, a local folder or a hub name (default: the one recorded at
-        save time), loaded with ``AutoModelForCausalLM.from_pretrained(..., **base_kwargs)``.
-        A base model whose type, layer count or site widths differ is refused.
+        ``codebook_dir``: a folder written by :meth:`save_codebooks`, or one saved by the
+        authors' package (their released models, e.g. ``taufeeque/TinyStories-1Layer-21M-
+        Codebook``: see :mod:`codebook_features.authors`), or a hub id of either (fetched with
+        ``huggingface_hub``, offline from its cache). ``base_model``: a model, a local folder
+        or a hub name (default: the one recorded at save time; for the authors' checkpoints,
+        whose weights hold the finetuned base, only its architecture is used), loaded with
+        ``AutoModelForCausalLM.from_pretrained(..., **base_kwargs)``. A base model whose type,
+        layer count or site widths differ is refused.
         """
-        d = Path(codebook_dir)
+        from . import authors
+        from .fetch import local_folder
+
+        d = local_folder(codebook_dir)
+        if not (d / CONFIG_NAME).is_file() and authors.is_authors_folder(d):
+            return authors.load(d, str(codebook_dir), base_model, **base_kwargs)
+        if not (d / CONFIG_NAME).is_file():
+            raise CodebookError(f"{d}: neither codebooks saved by this library ({CONFIG_NAME}) "
+                                "nor a checkpoint of the authors' package (config.json with "
+                                "codebook_at); check the folder")
         meta = read_json(d / CONFIG_NAME)
         fmt = meta.get("format") if isinstance(meta, dict) else None
         if fmt != FORMAT:
             raise CodebookError(f"{d / CONFIG_NAME}: not a codebook model config (format "
                                 f"{fmt!r}, expected {FORMAT!r})")
+        if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
+            raise CodebookError(f"{d / CONFIG_NAME}: format version {meta.get('version')!r} "
+                                "was written by a newer codebook-features; upgrade it")
         saved = meta["base_model"]
         if base_model is None:
             base_model = saved.get("name_or_path") or None
             if base_model is None:
                 raise CodebookError(f"{d}: no base model name was recorded; pass base_model= "
                                     "(a model, a folder or a hub name)")
+            if base_model == ".":  # the base was saved beside the codebooks
+                base_model = d
         if not isinstance(base_model, nn.Module):
             base_model = load_base_model(base_model, **base_kwargs)
-        config = CodebookModelConfig.from_dict(meta["config"])
+        config = CodebookModelConfig.from_saved(meta["config"])
         _check_base(base_model, saved, d)
         model = cls(base_model, config)
         tensors = read_safetensors(d / WEIGHTS_NAME)
@@ -301,7 +325,7 @@ class CodebookModel(nn.Module):
                                 f"base model's {sorted(model.site_specs)}")
         for name, info in meta["sites"].items():
             spec = model.site_specs[name]
-            cb = CodebookConfig.from_dict(info["codebook"])
+            cb = CodebookConfig.from_saved(info["codebook"])
             if cb.dim != spec.dim:
                 raise CodebookError(f"{d}: site {name} has width {spec.dim} in this base model "
                                     f"but the saved codebook has width {cb.dim}; wrong base "
@@ -335,6 +359,18 @@ def _check_base(base: nn.Module, saved: dict[str, Any], where: Path) -> None:
             raise CodebookError(f"{where}: codebooks need a base model with {what} "
                                 f"{saved[key]}, this one has {info[key]}; pass the matching "
                                 "base model")
+
+
+def load_base_config(name_or_path: str | os.PathLike) -> Any:
+    """``AutoConfig.from_pretrained`` (no weights) with failures turned into a CodebookError."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name))
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CodebookError(f"cannot read the config of base model {name!r}: {first}") from None
 
 
 def load_base_model(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
