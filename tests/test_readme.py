@@ -114,3 +114,38 @@ def test_cli_synthetic(tmp_path):
 def test_cli_help_lists_commands(tmp_path):
     out = run_cli("--help", cwd=tmp_path)
     assert out.returncode == 0 and "synthetic" in out.stdout and "demo" in out.stdout
+
+
+def test_readme_stories_block_is_rewritten_from_a_run(tmp_path):
+    """scripts/readme_stories.py: the README's stories figures come from a run's report.json
+    and table.md (here a small fake run), and --check tells a stale block."""
+    sys.path.insert(0, str(README.parent / "scripts"))
+    try:
+        import readme_stories as rs
+    finally:
+        sys.path.pop(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    eval_table = "| Model | Loss |\n|---|---|\n| With codebooks | 0.578 |"
+    steering = ("| topic | codes | samples | baseline | steered |\n|---|---|---|---|---|\n"
+                "| dragon | 8 | 64 | 10.0% | 50.0% |\n| fire | 8 | 64 | 12.5% | 25.0% |")
+    (run / "table.md").write_text(f"{eval_table}\n\n| Site | MSE |\n|---|---|\n\n{steering}\n")
+    (run / "report.json").write_text(json.dumps({
+        "config": {"steer_mode": "replace", "codes_per_topic": 8, "samples_per_prompt": 16,
+                   "gen_tokens": 64},
+        "eval": {"with_codebooks": {"loss": 0.578}, "without_codebooks": {"loss": 0.716},
+                 "base_model": {"loss": 0.576},
+                 "sites": {"layers.0.attn_heads": {"fvu": 0.293, "dead_fraction": 0.0}}},
+        "steering": [{"baseline": 0.1, "steered": 0.5}, {"baseline": 0.125, "steered": 0.25}],
+        "timings": {"total_s": 300.4, "base_s": 110.0, "finetune_s": 115.2}}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{rs.BEGIN}\nold figures\n{rs.END}\nafter\n")
+    args = [str(run), "--readme", str(readme), "--machine", "a test machine"]
+    assert rs.main([*args, "--check"]) == 1
+    assert rs.main(args) == 0
+    assert rs.main([*args, "--check"]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nafter\n")
+    assert eval_table in text and steering in text and "old figures" not in text
+    assert "rises 2.0 to 5.0 times" in text and "FVU 0.29, 0% dead codes" in text
+    assert "changes it by +0.138 nats" in text and "300 s in all" in text

@@ -1,0 +1,111 @@
+"""Rewrite the README's story-workload figures from a run of ``codebook-features stories``.
+
+    codebook-features stories --out runs/stories
+    python scripts/readme_stories.py runs/stories            # rewrites README.md's block
+    python scripts/readme_stories.py runs/stories --check    # exit 1 if the README differs
+
+The block between ``<!-- stories-results -->`` and ``<!-- /stories-results -->`` is
+generated from the run's ``report.json`` and ``table.md`` (the tables the command printed):
+the Table 2 rows, the steering table, and the sentences that quote them. Nothing else of the
+README changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- stories-results -->", "<!-- /stories-results -->"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def render(run: Path, machine: str) -> str:
+    """The README block for the run in folder ``run``."""
+    report = json.loads((run / "report.json").read_text())
+    tables = (run / "table.md").read_text().strip().split("\n\n")
+    eval_table = next(t for t in tables if t.startswith("| Model |"))
+    steering_table = next(t for t in tables if t.startswith("| topic |"))
+    cfg, ev, t = report["config"], report["eval"], report["timings"]
+    site = next(iter(ev["sites"].values())) if ev.get("sites") else {}
+    bypass = ev["without_codebooks"]["loss"] - ev["with_codebooks"]["loss"]
+    rows = report["steering"]
+    ratios = [r["steered"] / r["baseline"] for r in rows if r["baseline"] > 0]
+    mode = {"replace": "written over the weakest slots", "append": "appended"}.get(
+        cfg["steer_mode"], cfg["steer_mode"])
+    usage = (f" (FVU {site['fvu']:.2f}, {100 * site['dead_fraction']:.0f}% dead codes)"
+             if site else "")
+    rise = (f"Every topic's mention rate rises {min(ratios):.1f} to {max(ratios):.1f} times "
+            "over its unsteered baseline" if len(ratios) == len(rows) else
+            "Mention rates, unsteered and steered, are in the table")
+    return "\n".join([
+        BEGIN,
+        f"Measured with the defaults, `codebook-features stories --out {run.name}` on "
+        f"{machine}: {t['total_s']:.0f} s in all (base model {t.get('base_s', 0):.0f} s, "
+        f"codebook finetune {t.get('finetune_s', 0):.0f} s); `python "
+        f"scripts/readme_stories.py RUN_DIR` rewrites this block from such a run's "
+        "`report.json` and `table.md`.",
+        "",
+        eval_table,
+        "",
+        f"With codebooks{usage} the loss is {ev['with_codebooks']['loss']:.3f} against the "
+        f"base model's {ev['base_model']['loss']:.3f}; bypassing them in the finetuned model "
+        f"changes it by {bypass:+.3f} nats. Topic steering, {cfg['codes_per_topic']} codes "
+        f"{mode} at every position, 4 prompts × {cfg['samples_per_prompt']} samples of "
+        f"{cfg['gen_tokens']} tokens:",
+        "",
+        steering_table,
+        "",
+        f"{rise}.",
+        END,
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="the --out folder of `codebook-features stories`")
+    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--machine", default=f"{os.cpu_count()} cores ({cpu_name()})",
+                   help="how to describe the machine the run was on")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if different")
+    args = p.parse_args(argv)
+    for name in ("report.json", "table.md"):
+        if not (args.run / name).is_file():
+            print(f"error: {args.run / name} not found; run `codebook-features stories --out "
+                  f"{args.run}` first", file=sys.stderr)
+            return 2
+    text = args.readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        print(f"error: {args.readme} needs exactly one {BEGIN} ... {END} block",
+              file=sys.stderr)
+        return 2
+    head, rest = text.split(BEGIN, 1)
+    old, tail = rest.split(END, 1)
+    block = render(args.run, args.machine)
+    if args.check:
+        same = BEGIN + old + END == block
+        print("README's stories block is up to date" if same else
+              "README's stories block differs from the run")
+        return 0 if same else 1
+    tmp = args.readme.with_name(f".{args.readme.name}.tmp")
+    tmp.write_text(head + block + tail)
+    os.replace(tmp, args.readme)
+    print(f"rewrote the stories block of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
