@@ -219,8 +219,9 @@ class GroupLayerNorm(nn.Module):
     """LayerNorm of each of ``groups`` equal slices of the width on its own, with one affine
     over the whole width: the authors' grouped codebooks (one ``LayerNorm(d/G)`` per group).
 
-    ``F.group_norm`` on ``(tokens, width)`` computes exactly that in one fused pass, with the
-    same ``weight``/``bias`` names and shapes as ``nn.LayerNorm(width)``.
+    Its ``weight``/``bias`` have the names and shapes of ``nn.LayerNorm(width)``'s. Written as
+    ``layer_norm`` over the slices then the affine, which on CPU ran about twice as fast as
+    ``F.group_norm`` (the same function) forward and backward.
     """
 
     def __init__(self, dim: int, groups: int, eps: float = 1e-5) -> None:
@@ -230,8 +231,9 @@ class GroupLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, a: Tensor) -> Tensor:
-        flat = a.reshape(-1, a.shape[-1])
-        return F.group_norm(flat, self.groups, self.weight, self.bias, self.eps).view(a.shape)
+        dg = a.shape[-1] // self.groups
+        x = F.layer_norm(a.unflatten(-1, (self.groups, dg)), (dg,), eps=self.eps)
+        return torch.addcmul(self.bias, x.flatten(-2), self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, groups={self.groups}, eps={self.eps}"
