@@ -82,7 +82,9 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     what.add_argument("--topics", type=float, metavar="MIN_SHARE",
                       help="codes firing on at least this share of a document's tokens")
     p.add_argument("--group", type=int, help="codebook group (default 0; --topics: all)")
-    p.add_argument("-n", type=int, default=10, help="how many results (%(default)s)")
+    p.add_argument("-n", type=int, default=10,
+                   help="how many results: codes, contexts, or with --topics documents "
+                        "(%(default)s)")
     p.add_argument("--model", metavar="CODEBOOKS_DIR",
                    help="the index's codebooks, for --similar and the neuron baseline "
                         "(default: the folder recorded in the index)")
@@ -234,9 +236,12 @@ def _search(args: argparse.Namespace) -> int:
                     f"cosine:\n" + _table(["code", "cosine"], [list(r) for r in rows]))
         else:
             topics = index.topic_codes(args.site, args.topics, args.group)
+            found = len(topics)
+            topics = dict(list(topics.items())[:args.n])  # -n: the first n documents
             out = {str(doc): codes for doc, codes in topics.items()}
+            shown = f"; the first {len(topics)} shown" if len(topics) < found else ""
             text = (f"codes of {args.site} firing on at least {args.topics:g} of a document's "
-                    f"tokens ({len(topics)} of {index.num_docs} documents):\n"
+                    f"tokens ({found} of {index.num_docs} documents{shown}):\n"
                     + _table(["doc", "group", "code", "share"],
                              [[d, g, c, v] for d, rows in topics.items() for g, c, v in rows]))
     print(json.dumps(out, indent=1, default=str) if args.json else text)

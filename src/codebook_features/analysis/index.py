@@ -25,9 +25,16 @@ plain filter or GROUP BY on flat integer columns (no list unnesting), and each s
 by ``(site, grp, code, doc, pos)`` so Parquet row-group statistics let DuckDB skip everything
 but the rows of the code asked for. ``site`` is the site's index in ``meta["sites"]``.
 
+Documents longer than the model's context are indexed whole, in consecutive windows of
+``max_length`` tokens, each run as its own sequence (positions count on through the
+document).
+
 Shard files are written under a temporary name and renamed; ``meta.json`` is rewritten
-atomically after each shard and lists the shards completed, so only listed shards are read,
-and a rerun skips them (a shard without a meta entry is written again).
+atomically after each shard and lists the shards completed with each file's size and SHA-256,
+so only listed shards are read, and a rerun skips them (a shard without a meta entry is
+written again). Opening an index checks every shard file's size and structure, and its
+checksum when the index is small enough (:data:`VERIFY_BYTES`); a rerun of
+:func:`build_index` checks every checksum and rebuilds the damaged shards.
 """
 
 from __future__ import annotations
@@ -45,13 +52,84 @@ import numpy as np
 import torch
 
 from ..errors import CodebookError
-from ..io import read_json, write_json
+from ..io import fault_point, read_json, write_json
 
 META_NAME = "meta.json"
 FORMAT = "codebook-features/code-index"
 FORMAT_VERSION = 2
 KINDS = ("tokens", "codes", "docs")
 ARRAYS = ("grid", "counts")
+VERIFY_BYTES = 256 << 20
+"""Opening an index checks every shard file's checksum when they total at most this many
+bytes (else sizes and structure only; ``verify_shards(..., checksums=True)`` checks all)."""
+
+
+def file_check(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file, as recorded for each shard file in ``meta.json``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def shard_damage(path: Path, shard: dict[str, Any], width: int, checksums: bool = True
+                 ) -> str | None:
+    """Why shard ``shard`` of the index at ``path`` is damaged (a file missing, of another
+    size or checksum than recorded, or unreadable), or None when it is whole. ``width``: the
+    grid's columns. Shards recorded without checks (older indexes) are checked for
+    structure only."""
+    import pyarrow.parquet as pq
+
+    checks = shard.get("checks") or {}
+    for kind, name in shard["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        want = checks.get(kind)
+        if want is not None and f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        try:
+            if name.endswith(".npy"):
+                a = np.load(f, mmap_mode="r")
+                shape = ((shard["tokens"], width) if kind == "grid" else a.shape)
+                if a.shape != shape or a.dtype not in (np.int32, np.int64):
+                    return f"{name} holds an array of shape {a.shape}, expected {shape}"
+                del a
+            else:
+                rows = pq.read_metadata(f).num_rows
+                if kind == "tokens" and rows != shard["tokens"]:
+                    return f"{name} holds {rows} rows, expected {shard['tokens']}"
+        except (OSError, ValueError) as e:
+            return f"{name} is unreadable ({' '.join(str(e).split())[:120]})"
+        if checksums and want is not None and file_check(f)["sha256"] != want["sha256"]:
+            return f"{name} does not match its recorded checksum"
+    return None
+
+
+def token_windows(ids: Sequence[int], max_length: int) -> list[tuple[int, list[int]]]:
+    """A document's token ids cut into consecutive windows of at most ``max_length``:
+    ``[(first position, ids)]``; one (empty) window for an empty document."""
+    ids = list(ids)
+    return [(s, ids[s:s + max_length]) for s in range(0, max(len(ids), 1), max_length)]
+
+
+def encode_long(tokenizer: Any, texts: list[str], **kw: Any) -> Any:
+    """``tokenizer(texts, **kw)`` without truncation and without the warning that a text is
+    longer than the model's limit (such texts are run in windows)."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    key = "sequence-length-is-longer-than-the-specified-maximum"
+    had = None if flags is None else flags.get(key)
+    if flags is not None:
+        flags[key] = True
+    try:
+        return tokenizer(texts, truncation=False, **kw)
+    finally:
+        if flags is not None:
+            if had is None:
+                flags.pop(key, None)
+            else:
+                flags[key] = had
 
 
 def shard_file(shard: int, kind: str) -> str:
@@ -261,14 +339,16 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
     datasets with ``text_column``. Texts are read a batch at a time, so a stream of any length
     is indexed in bounded memory, into the same index as a list of the same texts. Every text
     is tokenized with ``tokenizer`` (a fast tokenizer; special tokens such as BOS are added as
-    the tokenizer does by default) and cut to ``max_length`` tokens (default: the tokenizer's
-    and the model's limit). Every token's row also records the model's own top-1 prediction
-    of the next token (``pred_id``: argmax of the logits, codebooks on). Documents are run
-    ``batch_size`` at a time, right-padded. A shard is closed after the first batch that
-    brings it to ``shard_tokens`` tokens, so memory stays bounded. Rerunning with the same
-    arguments (and the same texts in the same order) resumes: shards listed in ``meta.json``
-    are skipped. ``codebooks``: the folder the model's codebooks were loaded from, recorded so
-    that tools (the browser) can load the model again. Returns the path.
+    the tokenizer does by default) and indexed whole, run in windows of ``max_length`` tokens
+    (default: the tokenizer's and the model's limit). Every token's row also records the
+    model's own top-1 prediction of the next token (``pred_id``: argmax of the logits,
+    codebooks on). Documents are run ``batch_size`` at a time (``batch_size`` windows per
+    forward), right-padded. A shard is closed after the first batch that brings it to
+    ``shard_tokens`` tokens, so memory stays bounded. Rerunning with the same arguments (and
+    the same texts in the same order) resumes: shards listed in ``meta.json`` are skipped,
+    but for damaged ones (a file missing, truncated or changed: see :func:`shard_damage`),
+    which are rebuilt. ``codebooks``: the folder the model's codebooks were loaded from,
+    recorded so that tools (the browser) can load the model again. Returns the path.
     """
     import pyarrow as pa
 
@@ -299,8 +379,10 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if max_length < 1:
+        raise CodebookError(f"build_index: max_length={max_length} must be >= 1")
     settings = {"shard_tokens": int(shard_tokens), "batch_size": int(batch_size),
-                "max_length": int(max_length), "text_column": text_column}
+                "max_length": int(max_length), "text_column": text_column, "windows": True}
     meta: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "base_model": model.base_info(),
         "sites": all_sites, "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
@@ -333,8 +415,17 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
             # begun by a version that did not record predictions: every shard's tokens table
             # keeps the same columns
             meta["predictions"] = False
-        meta["shards"] = [s for s in old.get("shards", [])
-                          if all((path / f).is_file() for f in s["files"].values())]
+        width = int(grid_columns(meta["sites"])[-1])
+        meta["shards"] = []
+        for s in old.get("shards", []):
+            why = shard_damage(path, s, width)
+            if why is None:
+                meta["shards"].append(s)
+            else:
+                import sys
+
+                print(f"index: shard {s['id']} of {path} is damaged ({why}); rebuilding it",
+                      file=sys.stderr, flush=True)
     done = {s["id"]: s for s in meta["shards"]}
 
     site_index = {s["name"]: i for i, s in enumerate(meta["sites"])}
@@ -388,21 +479,29 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
         _write_parquet(pa.table({"doc": np.asarray(shard.docs, np.int64),
                                  "text": pa.array(shard.texts, pa.string())}),
                        path / files["docs"])
+        info["checks"] = {k: file_check(path / f) for k, f in files.items()}
         meta["shards"] = sorted([*meta["shards"], info], key=lambda s: s["id"])
         done[sid] = info
         write_json(meta_path, meta)
+        fault_point("shard")
 
     shard, sid, doc = _Shard(), 0, 0
     try:
         with torch.no_grad():
             for batch in _text_batches(texts, text_column, batch_size):
-                enc = tokenizer(batch, return_offsets_mapping=True, truncation=True,
-                                max_length=max_length)
+                enc = encode_long(tokenizer, batch, return_offsets_mapping=True)
                 ids_list = enc["input_ids"]
                 skip = sid in done
-                if not skip:
-                    preds = _run_batch(model, layers, ids_list, device, shard, doc,
-                                       tokenizer.pad_token_id)
+                if not skip:  # every document whole, in windows of max_length tokens
+                    rows = [(j, p0, w) for j, ids in enumerate(ids_list)
+                            for p0, w in token_windows(ids, max_length)]
+                    got: list[np.ndarray] = []
+                    for r in range(0, len(rows), batch_size):
+                        got.extend(_run_batch(model, layers, rows[r:r + batch_size], device,
+                                              shard, doc, tokenizer.pad_token_id))
+                    preds = [np.concatenate([p for (j2, _, _), p in zip(rows, got, strict=True)
+                                             if j2 == j] or [np.zeros(0, np.int32)])
+                             for j in range(len(ids_list))]
                 for j, (text, ids) in enumerate(zip(batch, ids_list, strict=True)):
                     offs = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
                     n = len(ids)
@@ -415,7 +514,7 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
                         shard.tok["token_id"].append(np.asarray(ids))
                         shard.tok["start"].append(offs[:, 0])
                         shard.tok["end"].append(offs[:, 1])
-                        shard.tok["pred_id"].append(preds[j, :n])
+                        shard.tok["pred_id"].append(preds[j])
                         pieces = tokenizer.convert_ids_to_tokens(ids)
                         shard.tok_text.extend(
                             text[s:e] if e > s else piece
@@ -438,13 +537,15 @@ def build_index(model: Any, tokenizer: Any, texts: Any, path: str | os.PathLike,
     return path
 
 
-def _run_batch(model: Any, layers: list[tuple[int, Any]], ids_list: list[list[int]],
-               device: torch.device, shard: _Shard, doc0: int, pad_id: int | None
-               ) -> np.ndarray:
-    """Forward one right-padded batch and append its codes to ``shard``; returns the
-    model's top-1 next-token prediction at every position (int32 (batch, width): the argmax
+def _run_batch(model: Any, layers: list[tuple[int, Any]],
+               rows: list[tuple[int, int, list[int]]], device: torch.device, shard: _Shard,
+               doc0: int, pad_id: int | None) -> list[np.ndarray]:
+    """Forward one right-padded batch of windows ``(document in batch, first position,
+    ids)`` and append their codes to ``shard`` (document ``doc0 + j``, positions from the
+    window's first); returns each window's top-1 next-token predictions (int32: the argmax
     of the logits, the lowest token id on a tie)."""
-    width = max(len(r) for r in ids_list)
+    ids_list = [r[2] for r in rows]
+    width = max(max(len(r) for r in ids_list), 1)
     ids = torch.full((len(ids_list), width), pad_id or 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(ids_list):
@@ -453,6 +554,7 @@ def _run_batch(model: Any, layers: list[tuple[int, Any]], ids_list: list[list[in
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
     logits = out.logits if hasattr(out, "logits") else out[0]
     preds = logits.argmax(-1).to(torch.int32).cpu().numpy()
+    preds = [preds[i, :len(r)] for i, r in enumerate(ids_list)]
     for site, layer in layers:
         codes, scores = layer.last_codes, layer.last_scores
         if codes is None:
@@ -468,13 +570,13 @@ def _run_batch(model: Any, layers: list[tuple[int, Any]], ids_list: list[list[in
         if scores.shape[-1] != k:  # interventions appended slots: no scores for those
             pad = np.full((*scores.shape[:-1], k - scores.shape[-1]), np.nan, np.float32)
             scores = np.concatenate([scores, pad], -1)
-        for i, r in enumerate(ids_list):
+        for i, (j, p0, r) in enumerate(rows):
             n = len(r)
             # Narrow dtypes: a shard holds tokens * sum(groups * k) rows.
-            pos, grp, slot = np.meshgrid(np.arange(n, dtype=np.int32),
+            pos, grp, slot = np.meshgrid(np.arange(p0, p0 + n, dtype=np.int32),
                                          np.arange(g, dtype=np.int16),
                                          np.arange(k, dtype=np.int16), indexing="ij")
-            shard.codes["doc"].append(np.full(n * g * k, doc0 + i, np.int64))
+            shard.codes["doc"].append(np.full(n * g * k, doc0 + j, np.int64))
             shard.codes["pos"].append(pos.reshape(-1))
             shard.codes["site"].append(np.full(n * g * k, site, np.int16))
             shard.codes["grp"].append(grp.reshape(-1))

@@ -18,10 +18,14 @@ from .index import (
     FORMAT,
     FORMAT_VERSION,
     META_NAME,
+    VERIFY_BYTES,
     check_layer,
     check_model,
     count_offsets,
+    encode_long,
     grid_columns,
+    shard_damage,
+    token_windows,
 )
 
 
@@ -141,11 +145,7 @@ class CodeIndex:
             raise CodebookError(f"{path}: the code index is incomplete ({len(meta['shards'])} "
                                 "shard(s) done); rerun build_index with the same arguments "
                                 "to finish it")
-        missing = [f for s in meta["shards"] for f in s["files"].values()
-                   if not (path / f).is_file()]
-        if missing:
-            raise CodebookError(f"{path}: shard file {missing[0]} is missing; rerun "
-                                "build_index with the same arguments to rewrite it")
+        verify_shards(path, meta)
         if model is not None:
             check_model(meta, model, path)
         return cls(path, meta, model, tokenizer)
@@ -473,6 +473,7 @@ class CodeIndex:
         want = int(self.doc_rows[ndocs])
         layers = {site: model.site(site) for site in sites}
         max_length = int(self.meta["settings"]["max_length"])
+        windows = bool(self.meta["settings"].get("windows"))
         device = next(iter(model.parameters())).device
         rows: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
         was_training = model.training
@@ -488,10 +489,15 @@ class CodeIndex:
                     texts = [t for (t,) in self._rows(
                         f"SELECT text FROM read_parquet('{f}') WHERE doc < ? ORDER BY doc",
                         [ndocs])]
-                    for i in range(0, len(texts), batch_size):
-                        ids = tokenizer(texts[i:i + batch_size], truncation=True,
-                                        max_length=max_length)["input_ids"]
-                        width = max(len(r) for r in ids)
+                    if windows:  # as indexed: every document whole, in windows
+                        enc = encode_long(tokenizer, texts)["input_ids"]
+                        seqs = [w for r in enc for _, w in token_windows(r, max_length)]
+                    else:  # an index built when documents were cut to max_length
+                        seqs = tokenizer(texts, truncation=True,
+                                         max_length=max_length)["input_ids"]
+                    for i in range(0, len(seqs), batch_size):
+                        ids = seqs[i:i + batch_size]
+                        width = max(max(len(r) for r in ids), 1)
                         x = torch.full((len(ids), width), tokenizer.pad_token_id or 0)
                         mask = torch.zeros_like(x)
                         for j, r in enumerate(ids):
@@ -530,9 +536,14 @@ class CodeIndex:
         return pa.table({"doc": doc.astype(np.int64),
                          "pos": (rows - self.doc_rows[doc]).astype(np.int32)})
 
-    def regex_rows(self, pattern: str | re.Pattern[str]) -> np.ndarray:
+    def regex_rows(self, pattern: str | re.Pattern[str], timeout: float | None = None
+                   ) -> np.ndarray:
         """Global token rows (sorted int64) of :meth:`regex_positions`; the last few
         patterns' rows are cached.
+
+        ``timeout``: seconds the whole search may take (for untrusted patterns: a pattern
+        that backtracks catastrophically is stopped with a CodebookError); the pattern then
+        runs on the ``regex`` module, which matches as ``re`` does.
 
         Speed: each shard's documents are searched as one string, joined by newlines, when
         the pattern has no anchors or lookarounds (``^ $ \\A \\Z (?< (?= (?!``) and no match
@@ -544,6 +555,17 @@ class CodeIndex:
         if key in self._regex_cache:
             self._regex_cache.move_to_end(key)
             return self._regex_cache[key]
+        if timeout is not None:
+            rows = _with_deadline(rx, float(timeout), self._regex_rows)
+        else:
+            rows = self._regex_rows(rx, re.finditer)
+        self._regex_cache[key] = rows
+        while len(self._regex_cache) > 16:
+            self._regex_cache.popitem(last=False)
+        return rows
+
+    def _regex_rows(self, rx: Any, finditer: Any) -> np.ndarray:
+        """:meth:`regex_rows` uncached, matching with ``finditer(rx, text)``."""
         joinable = not any(t in rx.pattern for t in ("^", "$", "\\A", "\\Z", "(?<", "(?=",
                                                        "(?!"))
         out: list[np.ndarray] = []
@@ -551,7 +573,7 @@ class CodeIndex:
             joined, first, st, en = self._shard_text(i)
             spans = None
             if joinable:
-                spans = np.asarray([a.span() for a in rx.finditer(joined)],
+                spans = np.asarray([a.span() for a in finditer(rx, joined)],
                                    np.int64).reshape(-1, 2)
                 spans = spans[spans[:, 1] > spans[:, 0]]
                 joins = first[1:-1] - 1  # the newline after each document but the last
@@ -562,7 +584,7 @@ class CodeIndex:
             if spans is None:
                 m = [(a.start() + int(first[d]), a.end() + int(first[d]))
                      for d in range(len(first) - 1)
-                     for a in rx.finditer(joined[first[d]:first[d + 1] - 1])
+                     for a in finditer(rx, joined[first[d]:first[d + 1] - 1])
                      if a.end() > a.start()]
                 spans = np.asarray(m, np.int64).reshape(-1, 2)
             if len(spans) == 0:
@@ -573,11 +595,7 @@ class CodeIndex:
             ok = (j < len(spans)) & (en > st)
             ok &= spans[np.minimum(j, len(spans) - 1), 0] < en
             out.append(np.flatnonzero(ok).astype(np.int64) + int(row0))
-        rows = np.concatenate(out) if out else np.zeros(0, np.int64)
-        self._regex_cache[key] = rows
-        while len(self._regex_cache) > 16:
-            self._regex_cache.popitem(last=False)
-        return rows
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def _shard_text(self, i: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         """Shard ``i``'s documents joined by newlines, each document's first character in it
@@ -714,6 +732,55 @@ class CodeIndex:
         k = min(int(n), sims.numel() - 1)
         vals, idx = torch.topk(sims, k)
         return [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
+
+
+def verify_shards(path: str | os.PathLike, meta: dict[str, Any],
+                  checksums: bool | None = None) -> None:
+    """Raise a CodebookError naming the first damaged shard of the index at ``path`` (a
+    file missing, truncated, unreadable, or unlike its recorded checksum: see
+    :func:`.index.shard_damage`). ``checksums``: compare every file's SHA-256 (default:
+    when the shard files total at most :data:`.index.VERIFY_BYTES`; sizes and structure
+    always)."""
+    path = Path(path)
+    if checksums is None:
+        total = sum((s.get("checks") or {}).get(k, {}).get("bytes", 0)
+                    for s in meta["shards"] for k in s["files"])
+        checksums = total <= VERIFY_BYTES
+    width = int(grid_columns(meta["sites"])[-1])
+    for s in meta["shards"]:
+        why = shard_damage(path, s, width, checksums=checksums)
+        if why is not None:
+            raise CodebookError(f"{path}: shard {s['id']} is damaged ({why}); rerun "
+                                "`codebook-features index` (or build_index) with the same "
+                                "arguments to rebuild it")
+
+
+def _with_deadline(rx: re.Pattern[str], seconds: float, run: Any) -> Any:
+    """``run(compiled, finditer)`` with every ``finditer`` bounded by what is left of
+    ``seconds`` (the ``regex`` module's timeout); a CodebookError when time runs out."""
+    import time
+
+    import regex
+
+    try:
+        flags = 0  # the flags given outside the pattern, by name (the values differ)
+        for name in ("IGNORECASE", "MULTILINE", "DOTALL", "VERBOSE", "ASCII"):
+            if rx.flags & getattr(re, name):
+                flags |= getattr(regex, name)
+        crx = regex.compile(rx.pattern, flags)
+    except regex.error as e:
+        raise CodebookError(f"regex {rx.pattern!r} does not compile: {e}; fix the "
+                            "pattern") from None
+    end = time.monotonic() + seconds
+
+    def finditer(c: Any, text: str) -> Any:
+        return c.finditer(text, timeout=max(end - time.monotonic(), 1e-3))
+
+    try:
+        return run(crx, finditer)
+    except TimeoutError:
+        raise CodebookError(f"regex {rx.pattern!r} took longer than {seconds:g} s over the "
+                            "index (it backtracks too much); simplify the pattern") from None
 
 
 def _compile(pattern: str | re.Pattern[str]) -> re.Pattern[str]:

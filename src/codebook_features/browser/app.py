@@ -13,7 +13,11 @@
     POST /api/steer             unsteered and steered continuations of a prompt (needs it too)
 
 Every answer is JSON; bad input gives status 400 and ``{"error": "one line"}``, anything else
-that fails 500 and the same shape, and the server keeps serving. Queries run on the index's
+that fails 500 and the same shape, and the server keeps serving. Every request is untrusted:
+each parameter is checked (type and range), and the work one request can ask for is bounded
+(rows returned, context windows, text lengths, a time limit on each regex, steering codes,
+samples and tokens, the request body's size); only the page and its own static files are
+served; ``browse`` listens on the loopback address unless told otherwise. Queries run on the index's
 Parquet files (DuckDB) and its memory-mapped code grid (see :mod:`..analysis.index`); one
 lock serialises them, since a DuckDB connection serves one query at a time; another lock
 serialises the model's work (steering, similar codes), so a generation does not hold up index
@@ -41,6 +45,16 @@ from ..errors import CodebookError
 STATIC = Path(__file__).with_name("static")
 MAX_N = 500
 """Most rows one query returns."""
+MAX_TEXT = 1_000
+"""Longest regex or token text a query may give (characters)."""
+REGEX_SECONDS = 5.0
+"""Time one regex query may take over the whole index."""
+MAX_PROMPT = 4_000
+"""Longest steering prompt (characters)."""
+MAX_STEER_CODES = 32
+"""Most codes one steering request may force on."""
+MAX_BODY = 64 << 10
+"""Largest request body (bytes)."""
 NEURON_WARM_BYTES = 256 << 20
 """Neuron activations of every site are computed at start when they fit in this."""
 
@@ -162,11 +176,15 @@ def one_line(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------ parameters
-def _str(params: Any, name: str, default: str | None = None) -> str:
+def _str(params: Any, name: str, default: str | None = None, limit: int = MAX_TEXT) -> str:
     v = params.get(name, default)
     if v is None:
         raise CodebookError(f"missing parameter {name!r}")
-    return str(v)
+    if not isinstance(v, str):
+        raise CodebookError(f"parameter {name} must be a string")
+    if len(v) > limit:
+        raise CodebookError(f"parameter {name} is {len(v)} characters long; at most {limit}")
+    return v
 
 
 def _int(params: Any, name: str, default: int | None = None, lo: int | None = None,
@@ -174,6 +192,9 @@ def _int(params: Any, name: str, default: int | None = None, lo: int | None = No
     v = params.get(name, default)
     if v is None or v == "":
         raise CodebookError(f"missing parameter {name!r}")
+    if isinstance(v, bool) or not isinstance(v, int | str) or (
+            isinstance(v, str) and len(v) > 30):
+        raise CodebookError(f"parameter {name}={str(v)[:40]!r} is not an integer")
     try:
         n = int(v)
     except (TypeError, ValueError):
@@ -208,7 +229,7 @@ def regex(b: Browser, q: Any) -> dict[str, Any]:
     n = _int(q, "n", 50, 1, MAX_N)
     neurons = b.neurons(site) if _bool(q, "neurons") else None
     ix = b.index
-    rows = len(ix.regex_rows(pattern))
+    rows = len(ix.regex_rows(pattern, timeout=REGEX_SECONDS))  # cached for regex_search
     return {"positives": rows, "matches": _match_rows(
         ix.regex_search(pattern, site, n=n, neurons=neurons))}
 
@@ -222,7 +243,7 @@ def token(b: Browser, q: Any) -> dict[str, Any]:
 
 def code(b: Browser, q: Any) -> dict[str, Any]:
     site = _str(q, "site")
-    group, c = _int(q, "group", 0), _int(q, "code")
+    group, c = _int(q, "group", 0, 0), _int(q, "code", None, 0)
     n = _int(q, "n", 20, 1, MAX_N)
     window = _int(q, "window", 8, 0, 64)
     ix = b.index
@@ -236,7 +257,7 @@ def code(b: Browser, q: Any) -> dict[str, Any]:
 
 def similar(b: Browser, q: Any) -> dict[str, Any]:
     site = _str(q, "site")
-    group, c = _int(q, "group", 0), _int(q, "code")
+    group, c = _int(q, "group", 0, 0), _int(q, "code", None, 0)
     n = _int(q, "n", 10, 1, 100)
     model = b.need_model("similar codes")
     rows = b.index.similar_codes(site, c, group=group, n=n, model=model)
@@ -244,7 +265,7 @@ def similar(b: Browser, q: Any) -> dict[str, Any]:
 
 
 def codes_at(b: Browser, q: Any) -> dict[str, Any]:
-    doc, pos = _int(q, "doc"), _int(q, "pos")
+    doc, pos = _int(q, "doc", None, 0), _int(q, "pos", None, 0)
     window = _int(q, "window", 8, 0, 64)
     ix = b.index
     codes = ix.codes_at(doc, pos)
@@ -255,8 +276,15 @@ def codes_at(b: Browser, q: Any) -> dict[str, Any]:
 
 
 async def steer(b: Browser, request: Request) -> dict[str, Any]:
+    import json
+
+    raw = bytearray()
+    async for chunk in request.stream():  # read no more than MAX_BODY, whatever it claims
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise CodebookError(f"the request body is over {MAX_BODY} bytes")
     try:
-        body = await request.json()
+        body = json.loads(bytes(raw))
     except ValueError:
         raise CodebookError("the request body is not JSON") from None
     if not isinstance(body, dict):
@@ -272,21 +300,29 @@ def _steer(b: Browser, body: dict[str, Any]) -> dict[str, Any]:
     specs = body.get("codes") or []
     if not isinstance(specs, list) or not specs:
         raise CodebookError("no codes to steer with; add codes from a code's page")
-    codes = [parse_steer_code(str(s)) for s in specs]
+    if len(specs) > MAX_STEER_CODES:
+        raise CodebookError(f"{len(specs)} codes to steer with; at most {MAX_STEER_CODES}")
+    codes = [parse_steer_code(_str({"code": s}, "code", limit=200)) for s in specs]
     for c in codes:
         b.index._code(c.site, c.code, c.group)  # unknown site/group/code: one line
-    prompt = body.get("prompt", "")
-    if not isinstance(prompt, str):
-        raise CodebookError("the prompt must be a string")
-    opts = {"mode": str(body.get("mode", "append")),
-            "positions": str(body.get("positions", "all")),
+    prompt = _str(body, "prompt", "", limit=MAX_PROMPT)
+    positions = body.get("positions", "all")
+    if isinstance(positions, list):
+        if len(positions) > 1024 or not all(isinstance(p, int) and not isinstance(p, bool)
+                                            and 0 <= p < 1 << 20 for p in positions):
+            raise CodebookError("positions must be all, prompt, generated, or a list of at "
+                                "most 1024 token positions")
+    else:
+        positions = _str(body, "positions", "all", limit=20)
+    opts = {"mode": _str(body, "mode", "append", limit=20),
+            "positions": positions,
             "max_new_tokens": _int(body, "max_new_tokens", 40, 1, 200),
             "num_samples": _int(body, "num_samples", 1, 1, 8),
-            "seed": _int(body, "seed", 0, 0)}
-    try:
-        opts["temperature"] = float(body.get("temperature", 1.0))
-    except (TypeError, ValueError):
-        raise CodebookError("temperature must be a number") from None
+            "seed": _int(body, "seed", 0, 0, 2**63 - 1)}
+    t = body.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 100:
+        raise CodebookError("temperature must be a number in (0, 100]")
+    opts["temperature"] = float(t)
     plain = steer_generate(model, b.tokenizer, prompt, [], **opts)
     steered = steer_generate(model, b.tokenizer, prompt, codes, **opts)
     return {"prompt": prompt, "codes": [str(c) for c in codes], "unsteered": plain,
