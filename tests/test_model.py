@@ -229,3 +229,37 @@ def test_transformer_lens() -> None:
     assert model.codes()["layers.1.attn_heads"].shape == (2, 8, 4, 2)
     with torch.no_grad(), model.codebooks_disabled():
         assert torch.equal(model(ids), ref)
+
+
+def test_format1_codebooks_behave_as_before():
+    """Codebooks saved before format 2 (whole-width LayerNorm, lambda as a per-element mean)
+    give the logits and gradients that version computed (tests/fixtures/format1, written by
+    scripts/make_format1_fixture.py with that version's code)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    fx = Path(__file__).parent / "fixtures" / "format1"
+    model = CodebookModel.from_pretrained(fx / "codebooks", base_model=fx / "base",
+                                          attn_implementation="eager")
+    for layer in model.sites.values():
+        assert (layer.config.layernorm_scope, layer.config.mse_reduction) == ("site", "mean")
+    ref = load_file(fx / "reference.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ref["input_ids"]).logits, ref["logits"],
+                                   rtol=0, atol=1e-6)
+    model.train()
+    model(input_ids=ref["input_ids"], labels=ref["input_ids"]).loss.backward()
+    for name, layer in model.sites.items():
+        torch.testing.assert_close(layer.codebook.grad, ref[f"grad.{name}.codebook"])
+        torch.testing.assert_close(layer.ln.weight.grad, ref[f"grad.{name}.ln.weight"])
+    # saved again, it is format 2 and still the same model
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_codebooks(d, base_model_name=str(fx / "base"))
+        again = CodebookModel.from_pretrained(d, attn_implementation="eager").eval()
+        assert all(layer.config.layernorm_scope == "site" for layer in again.sites.values())
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=ref["input_ids"]).logits, ref["logits"],
+                                       rtol=0, atol=1e-6)
