@@ -1,8 +1,10 @@
 """``codebook-features eval``: a saved codebook model on a dataset, in the paper's Table 2 form.
 
-Reports LM loss, next-token accuracy and perplexity with and without the codebooks, and per
-site the reconstruction MSE, fraction of variance unexplained, dead-code fraction (codes that
-never fired on the evaluation data) and code-usage entropy.
+Reports LM loss, next-token accuracy and perplexity with and without the codebooks, and the
+standard sparse-autoencoder evaluation (SAELens, SAEBench) for each site spliced in alone and
+for all sites: CE loss recovered against zero- and mean-ablation, KL divergence from the
+base model, explained variance, L0 and alive codes (:mod:`codebook_features.standard_eval`),
+with a plot of the code density (log10 firing frequency per code).
 """
 
 from __future__ import annotations
@@ -12,76 +14,84 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .cli import command
 from .errors import CodebookError
 
 
-@torch.no_grad()
 def evaluate_codebooks(model, eval_ds, batch_size: int = 16) -> dict[str, Any]:
-    """LM metrics with and without codebooks, and per-site codebook statistics.
+    """LM metrics with and without codebooks, per-site codebook statistics and the standard
+    sparse-autoencoder evaluation (:mod:`codebook_features.standard_eval`).
 
-    Leaves the model as it found it: training mode, usage statistics and the recent inputs
-    kept for dead-code replacement are restored (so it can run in the middle of training).
+    Returns ``with_codebooks`` / ``without_codebooks`` (``loss``, ``accuracy``,
+    ``perplexity``), ``sites`` (each site's ``mse``, ``fvu``, ``dead_fraction`` and
+    ``usage_entropy`` with all codebooks in, the model as it runs), ``standard`` (per site
+    spliced in alone and ``all``: ``ce_loss``, ``ce_loss_base``, ``ce_loss_recovered_zero``,
+    ``ce_loss_recovered_mean``, ``kl_div``, ``explained_variance``, ``fvu``, ``l0``,
+    ``alive_fraction`` and more), ``code_density`` (per site, a histogram of log10 firing
+    frequency) and ``tokens`` (scored). Leaves the model as it found it (mode, parameters,
+    statistics), so it can run in the middle of training.
     """
-    from .fsm import lm_metrics
+    from .standard_eval import standard_evaluation
 
-    was_training = model.training
-    model.eval()
-    layers = model.sites
-    saved = {n: ({k: v.clone() for k, v in layer.state_dict().items()}, layer._recent)
-             for n, layer in layers.items()}
-    for layer in layers.values():  # count usage on the evaluation data only
-        layer.reset_stats()
-        layer.train()
-    try:
-        with_cb = lm_metrics(model.base_model, eval_ds, batch_size=batch_size)
-        sites = {}
-        for name, layer in layers.items():
-            s = layer.stats()
-            sites[name] = {"mse": s.mse, "fvu": s.fvu,
-                           "dead_fraction": float((layer.code_counts == 0).float().mean()),
-                           "usage_entropy": s.usage_entropy}
-    finally:
-        for name, layer in layers.items():
-            layer.eval()
-            layer.load_state_dict(saved[name][0])
-            layer._recent = saved[name][1]
-    try:
-        with model.codebooks_disabled():
-            without = lm_metrics(model.base_model, eval_ds, batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    r = standard_evaluation(model, eval_ds, batch_size)
 
     def row(m) -> dict[str, float]:
-        return {"loss": m.loss, "accuracy": m.accuracy, "perplexity": math.exp(min(m.loss, 50))}
+        return {"loss": m["loss"], "accuracy": m["accuracy"],
+                "perplexity": math.exp(min(m["loss"], 50))}
 
-    return {"with_codebooks": row(with_cb), "without_codebooks": row(without), "sites": sites,
-            "tokens": with_cb.tokens}
+    sites = {n: {k: f[k] for k in ("mse", "fvu", "dead_fraction", "usage_entropy")}
+             for n, f in r["sites_together"].items()}
+    return {"with_codebooks": row(r["with_codebooks"]), "without_codebooks": row(r["base"]),
+            "sites": sites, "standard": r["rows"], "code_density": r["code_density"],
+            "tokens": r["tokens"]}
+
+
+DENSITY_PLOT = "code_density.png"
+"""The code density histogram written beside ``eval_metrics.json``."""
 
 
 def flat_metrics(metrics: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
     """:func:`evaluate_codebooks`' result as flat log keys: ``{prefix}_loss`` (``accuracy``,
     ``perplexity``) with codebooks, ``{prefix}_without_codebooks_loss`` (...) and
-    ``{prefix}_{site}/mse`` (``fvu``, ``dead_fraction``, ``usage_entropy``)."""
+    ``{prefix}_{site}/mse`` (``fvu``, ``dead_fraction``, ``usage_entropy``), and the standard
+    evaluation's ``{prefix}_standard/{site or all}/{key}``."""
     out = {f"{prefix}_{k}": v for k, v in metrics["with_codebooks"].items()}
     out.update({f"{prefix}_without_codebooks_{k}": v
                 for k, v in metrics["without_codebooks"].items()})
     for site, stats in metrics["sites"].items():
         out.update({f"{prefix}_{site}/{k}": v for k, v in stats.items()})
+    for row, stats in metrics.get("standard", {}).items():
+        out.update({f"{prefix}_standard/{row}/{k}": v for k, v in stats.items()})
     out[f"{prefix}_tokens"] = metrics["tokens"]
     return out
 
 
+STANDARD_COLUMNS = (("ce_loss", "CE loss", "{:.4f}"), ("ce_loss_base", "CE base", "{:.4f}"),
+                    ("ce_loss_recovered_zero", "CE rec. (zero)", "{:.1%}"),
+                    ("ce_loss_recovered_mean", "CE rec. (mean)", "{:.1%}"),
+                    ("kl_div", "KL", "{:.4f}"), ("explained_variance", "Expl. var.", "{:.3f}"),
+                    ("fvu", "FVU", "{:.3f}"), ("l0", "L0", "{:.1f}"),
+                    ("alive_fraction", "Alive", "{:.1%}"))
+"""The standard evaluation's table: key, heading, format."""
+
+
 def format_table(metrics: dict[str, Any]) -> str:
-    """Markdown tables: models (Table 2 style) and per-site codebook statistics."""
+    """Markdown tables: models (Table 2 style), then the standard evaluation per site (spliced
+    in alone) and for all sites (or, for results without it, per-site codebook statistics)."""
     lines = ["| Model | Loss | LM Acc (%) | Perplexity |", "|---|---|---|---|"]
     for label, key in (("Without codebooks", "without_codebooks"),
                        ("With codebooks", "with_codebooks")):
         m = metrics[key]
         lines.append(f"| {label} | {m['loss']:.3f} | {100 * m['accuracy']:.2f} | "
                      f"{m['perplexity']:.2f} |")
+    if "standard" in metrics:
+        lines += ["", "| Site | " + " | ".join(h for _, h, _ in STANDARD_COLUMNS) + " |",
+                  "|---" * (len(STANDARD_COLUMNS) + 1) + "|"]
+        for name, s in metrics["standard"].items():
+            cells = [fmt.format(s[k]) if s[k] == s[k] else "n/a"
+                     for k, _, fmt in STANDARD_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
     lines += ["", "| Site | MSE | FVU | Dead codes | Usage entropy |", "|---|---|---|---|---|"]
     for name, s in metrics["sites"].items():
         lines.append(f"| {name} | {s['mse']:.4f} | {s['fvu']:.4f} | "
@@ -144,6 +154,8 @@ def model_and_tokenizer(codebooks: str, cfg: Any) -> tuple[Any, Any]:
 def _eval(args: argparse.Namespace) -> int:
     from .data.text import load_text, pack, take_rows
     from .io import write_json, write_text
+    from .modelcard import refresh_model_card
+    from .report import write_code_density_plot
     from .train import STREAM_EVAL_ROWS, load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -161,6 +173,8 @@ def _eval(args: argparse.Namespace) -> int:
     table = format_table(metrics)
     out = Path(args.out or args.codebooks)
     write_json(out / "eval_metrics.json", metrics)
-    write_text(out / "eval_table.md", table + "\n")
+    write_code_density_plot(metrics["code_density"], out / DENSITY_PLOT)
+    write_text(out / "eval_table.md", f"{table}\n\n![code density]({DENSITY_PLOT})\n")
+    refresh_model_card(out)  # the card of a saved folder shows the new figures
     print(table)
     return 0

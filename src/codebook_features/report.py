@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import os
+from pathlib import Path
 from typing import Any
 
 from .io import write_text
@@ -137,3 +138,41 @@ def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
         "<p>Every figure is also in <code>report.json</code>.</p></body></html>",
     ]
     write_text(path, "\n".join(parts))
+
+
+def code_density_figure(density: dict[str, dict[str, Any]]):
+    """The code density histogram: per site, how many codes fire at each log10 frequency
+    (firings per token); dead codes (never fired) are counted in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for site, h in density.items():
+        ax.stairs(h["counts"], h["bin_edges"], label=f"{site} ({h['dead']} of {h['codes']} "
+                  "dead)")
+    ax.set_xlabel("log10 firing frequency (firings per token)")
+    ax.set_ylabel("codes")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def code_density_img(density: dict[str, dict[str, Any]]) -> str:
+    """The code density histogram as an inline ``<img>`` (for HTML reports)."""
+    return _fig_to_img(code_density_figure(density))
+
+
+def write_code_density_plot(density: dict[str, dict[str, Any]], path: str | os.PathLike
+                            ) -> None:
+    """Write the code density histogram as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    from .io import _atomic_replace
+
+    fig = code_density_figure(density)
+    try:
+        _atomic_replace(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110,
+                                                            bbox_inches="tight"))
+    finally:
+        plt.close(fig)
