@@ -259,3 +259,29 @@ def test_convert_writes_our_format_and_reopens(tmp_path):
                     (FIXTURES / "neox_heads_mlp_k1" / "base_config.json").read_text()),
                     "num_hidden_layers": 1}))
     assert not bad.exists() and not list(tmp_path.glob(".bad.*"))
+
+
+def test_readme_released_model_block(tmp_path, monkeypatch):
+    """The README's example that opens a released model by hub id runs offline: each id it
+    names is laid out in a hub cache with a fixture their code wrote, whose base config stands
+    in for the released model's."""
+    import huggingface_hub.constants as C
+    from test_readme import BLOCKS, run_block
+
+    from codebook_features import authors
+
+    blocks = [b for b in BLOCKS if "taufeeque/" in b]
+    assert blocks
+    cache = tmp_path / "hub"
+    for repo in sorted({m for b in blocks for m in re.findall(r'"(taufeeque/[\w.-]+)"', b)}):
+        snap = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("b" * 40)
+        shutil.copytree(FIXTURES / "neox_heads_mlp_k1" / "checkpoint", snap)
+        (snap.parents[1] / "refs").mkdir()
+        (snap.parents[1] / "refs" / "main").write_text("b" * 40)
+        monkeypatch.setitem(authors.RELEASED_BASES, repo, json.loads(
+            (FIXTURES / "neox_heads_mlp_k1" / "base_config.json").read_text()))
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for block in blocks:
+        run_block(block, tmp_path, monkeypatch)

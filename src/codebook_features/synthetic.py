@@ -58,14 +58,14 @@ def train_on_clusters(steps: int = 300, dim: int = 64, clusters: int = 32, num_c
     layer.eval()
     x_test, y_test = make_clusters(4096, centres, 0.3, gen)
     with torch.no_grad():
-        layer(x_test)
+        test_mse = float((layer(x_test) - layer.normalize(x_test)).pow(2).mean())
     codes = layer.last_codes[:, 0, 0]
     s = layer.stats()
     metrics = {
         "steps": steps, "clusters": clusters, "num_codes": num_codes,
         "train_mse": s.mse, "train_fvu": s.fvu, "usage_entropy": s.usage_entropy,
         "dead_fraction": s.dead_fraction, "codes_replaced": replaced,
-        "test_mse": float(layer.last_mse), "codes_used_on_test": int(codes.unique().numel()),
+        "test_mse": test_mse, "codes_used_on_test": int(codes.unique().numel()),
         "code_cluster_purity": purity(codes, y_test, clusters),
     }
     if out:
