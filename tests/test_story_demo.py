@@ -54,13 +54,29 @@ def test_quick_run_writes_a_complete_report(quick_run):
     assert ev["with_codebooks"]["loss"] > 0 and ev["without_codebooks"]["loss"] > 0
     assert ev["base_model"]["perplexity"] > 1
     assert "| Base model (before codebooks) |" in (out / "table.md").read_text()
+    # The standard evaluation: its table (each site and all), plot, and the model's card.
+    assert {"layers.0.attn_heads", "all"} <= set(ev["standard"])
+    for row in ev["standard"].values():
+        assert row["l0"] == cfg.heads * cfg.k and 0 <= row["alive_fraction"] <= 1
+        assert row["ce_loss_base"] == ev["without_codebooks"]["loss"]
+    table_md = (out / "table.md").read_text()
+    assert "| all |" in table_md and "![code density](code_density.png)" in table_md
+    assert (out / "code_density.png").read_bytes()[:4] == b"\x89PNG"
+    card = (out / "model" / "README.md").read_text()
+    assert "library_name: codebook-features" in card and "## Evaluation" in card
     assert (out / "table.md").read_text().count("|") > 20
     assert json.loads((out / "report.json").read_text())["steering"] == report["steering"]
 
 
-def test_saved_model_reloads_with_the_same_metrics(quick_run):
+def test_saved_model_reloads_with_the_same_metrics(quick_run, tmp_path):
     out, cfg, report = quick_run
-    model = CodebookModel.from_pretrained(out / "model")
+    # The folder is self-contained (the base recorded as "."): a copy elsewhere, as the hub
+    # would deliver it, loads too.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "model", copy)
+    model = CodebookModel.from_pretrained(copy)
     tok = AutoTokenizer.from_pretrained(out / "model")
     from codebook_features.data.stories import StoryConfig, generate_stories
 

@@ -3,13 +3,15 @@
 1. Generate the topic-story corpus (:mod:`.data.stories`) and train its BPE tokenizer.
 2. Train a tiny GPT-NeoX on it from scratch (Hugging Face ``Trainer``; one story per row).
 3. Add attention-head codebooks, k-means initialise them, finetune (``CodebookTrainer``).
-4. Evaluate with and without codebooks (the paper's Table 2 rows, per-site statistics).
+4. Evaluate with and without codebooks (the paper's Table 2 rows) and the standard
+   sparse-autoencoder evaluation (CE loss recovered, KL, explained variance, L0, alive codes;
+   the code density plot ``code_density.png``).
 5. Index the held-out stories' codes (for ``search`` and ``browse``).
 6. Find each topic's codes (codes firing on the largest share of that topic's stories' tokens)
    and run the paper's topic-steering evaluation (Table 3): how often generations from short
    prompts mention the topic, steered against unsteered.
 7. Write ``report.json``, ``table.md`` and the model (``DIR/model``: weights, tokenizer,
-   codebooks).
+   codebooks, ``eval_metrics.json`` and the model card: ready for ``codebook-features push``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     from .evaluate import evaluate_codebooks, format_table
     from .fsm import lm_metrics
     from .model import CodebookModel
+    from .modelcard import refresh_model_card
+    from .report import write_code_density_plot
     from .steering import (
         DEFAULT_PROMPTS,
         format_steering_table,
@@ -169,7 +173,7 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     model_dir = out / "model"
     cbm.base_model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    cbm.save_codebooks(model_dir, base_model_name=str(model_dir))
+    cbm.save_codebooks(model_dir, base_model_name=".")  # the base is saved beside them
     timings["finetune_s"] = time.time() - t0
 
     # 3. Table 2 rows.
@@ -182,6 +186,9 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
         f"{base_row['perplexity']:.2f} |\n", 1)
     _log("evaluation (Without codebooks: the finetuned weights, codebooks bypassed):\n"
          + table)
+    write_json(model_dir / "eval_metrics.json", metrics)
+    refresh_model_card(model_dir)  # the model card shows the evaluation
+    write_code_density_plot(metrics["code_density"], out / "code_density.png")
     timings["eval_s"] = time.time() - t0
 
     # 4. Index of the held-out stories, for search and browse.
@@ -216,7 +223,8 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     write_json(out / "report.json", report)
-    write_text(out / "table.md", table + "\n\n" + steering_table + "\n")
+    write_text(out / "table.md", f"{table}\n\n![code density](code_density.png)\n\n"
+               f"{steering_table}\n")
     _log(f"done in {timings['total_s']:.0f} s: {out / 'report.json'}; browse the codes with "
          f"`codebook-features browse {out / 'index'} --model {model_dir}`")
     return report
