@@ -4,7 +4,10 @@ One forward + ``loss.backward()`` (no optimizer) of a GPT-NeoX model built from 
 codebooks (``attn_heads``, all layers) on and off in the same run and on the same model: off
 means the hooks pass activations through untouched, i.e. the base model's step. Prints one
 JSON object per shape: ``shape``, ``base_step_ms``, ``codebook_step_ms``, ``overhead`` (median
-over repeats after warm-up; the two variants alternate so that drift hits both alike), plus
+over repeats after warm-up; the variants alternate so that drift hits all alike), plus
+``site_ln_step_ms`` / ``site_ln_overhead`` (the same codebooks with one LayerNorm over the whole
+width instead of the authors' one per head, ``layernorm_scope="site"``: what their per-head
+LayerNorm costs), plus
 ``cpu_overhead`` (the same ratio in process CPU time, steadier on a shared machine) and the
 load average (figures taken with a load above the core count are not trustworthy).
 
@@ -79,18 +82,28 @@ def measure(shape: Shape, warmup: int, repeats: int, **codebook_kw) -> dict:
     model = build(shape, **codebook_kw)
     ids = torch.randint(shape.vocab, (shape.batch, shape.seq),
                         generator=torch.Generator().manual_seed(0))
-    base_ms, cb_ms, base_cpu, cb_cpu = [], [], [], []
+    layers = list(model.sites.values())
+    group_lns = [layer.ln for layer in layers]
+    site_lns = [torch.nn.LayerNorm(layer.config.dim) for layer in layers]
+    base_ms, cb_ms, base_cpu, cb_cpu, site_ms = [], [], [], [], []
     for i in range(warmup + repeats):
         model.disable_codebooks()
         b, bc = step(model, ids)
         model.enable_codebooks()
         c, cc = step(model, ids)
+        for layer, ln in zip(layers, site_lns, strict=True):
+            layer.ln = ln
+        s, _ = step(model, ids)
+        for layer, ln in zip(layers, group_lns, strict=True):
+            layer.ln = ln
         if i >= warmup:
             base_ms.append(b)
             cb_ms.append(c)
             base_cpu.append(bc)
             cb_cpu.append(cc)
+            site_ms.append(s)
     base, cb = statistics.median(base_ms), statistics.median(cb_ms)
+    site = statistics.median(site_ms)
     bcpu, ccpu = statistics.median(base_cpu), statistics.median(cb_cpu)
     return {
         "shape": shape.name,
@@ -98,6 +111,8 @@ def measure(shape: Shape, warmup: int, repeats: int, **codebook_kw) -> dict:
         "codebook_step_ms": round(cb, 1),
         "overhead": round(cb / base, 3),
         "cpu_overhead": round(ccpu / bcpu, 3),
+        "site_ln_step_ms": round(site, 1),
+        "site_ln_overhead": round(site / base, 3),
         "load_avg": round(os.getloadavg()[0], 2),
         "batch": shape.batch, "seq": shape.seq, "num_codes": shape.num_codes, "k": shape.k,
         "groups": shape.heads, "layers": shape.layers, "repeats": repeats,
