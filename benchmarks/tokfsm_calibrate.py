@@ -10,13 +10,21 @@ Example::
 
     python benchmarks/tokfsm_calibrate.py --num-states 40 --successors 5 --batch 32 \\
         --lr 3e-3 --steps 400 --eval-every 50
+
+``--demo`` runs the whole demo instead (``codebook_features.demo.run_demo``) with ``--set``
+overrides and appends one record, settings -> figures and verdicts, to
+``benchmarks/tokfsm_calibration.json`` (the curve the demo's defaults were chosen from)::
+
+    python benchmarks/tokfsm_calibrate.py --demo --label "64 wide" --set hidden=64 ks=1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +44,56 @@ def build_model(layers: int, hidden: int, heads: int, mlp: int, seq_len: int, se
     return GPTNeoXForCausalLM(cfg)
 
 
+RECORD = Path(__file__).with_name("tokfsm_calibration.json")
+FIGURES = ("base.state_acc", "attn_k1.state_acc", "attn_mlp_k1.state_acc",
+           "attn_mlp_k4.state_acc", "attn_mlp_k16.state_acc", "state_codes.mean_precision",
+           "state_codes.mean_recall", "state_codes.states_covered", "neurons.mean_precision",
+           "intervention.normalized_jsd", "intervention.success",
+           "intervention.success_before")
+
+
+def _get(report: dict, path: str):
+    cur = report
+    for part in path.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    return cur
+
+
+def demo_main(argv: list[str]) -> None:
+    """One demo run with ``--set`` overrides, recorded in ``--record``."""
+    import tempfile
+
+    from codebook_features.demo import DemoConfig, apply_overrides, run_demo
+    from codebook_features.io import write_json
+
+    p = argparse.ArgumentParser(description="record one demo run (settings -> figures)")
+    p.add_argument("--demo", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--label", default="", help="what this run tries")
+    p.add_argument("--record", default=str(RECORD))
+    p.add_argument("--out", default=None, help="demo output folder (default: a temporary one)")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = apply_overrides(DemoConfig(out=a.out or tmp), a.set, frozen=("variants", "out"))
+        t0 = time.time()
+        report = run_demo(cfg)
+        wall = time.time() - t0
+    row = {"label": a.label, "set": a.set, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "torch_threads": torch.get_num_threads(), "wall_s": round(wall, 1),
+           "figures": {k: _get(report, k) for k in FIGURES},
+           "targets": {t["target"]: t["met"] for t in report["targets"]},
+           "timings": report["timings"]}
+    path = Path(a.record)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    write_json(path, rows + [row])
+    print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--demo" in argv:
+        demo_main(argv)
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-states", type=int, default=100)
     p.add_argument("--successors", type=int, default=10)

@@ -37,6 +37,21 @@ def test_demo_quick_writes_full_report(tmp_path):
     assert "Smoke run" in html and "NOT met" not in html and ">None<" not in html
     for t in report["targets"]:  # every target is printed with its verdict
         assert f"[n/a] {t['target']}" in proc.stdout
+    # a rerun on the same base model (loaded, not trained), the analysed model only
+    again = tmp_path / "again"
+    proc2 = subprocess.run([sys.executable, "-m", "codebook_features", "demo", "--quick",
+                            "--out", str(again), "--set", f"base_from={out / 'base'}",
+                            "attn_only=false", "ks=1"], capture_output=True, text=True,
+                           timeout=900)
+    assert proc2.returncode == 0, proc2.stderr[-2000:]
+    report2 = json.loads((again / "report.json").read_text())
+    assert report2["config"]["variants"] == ["attn_mlp_k1"] and "attn_k1" not in report2
+    assert report2["base"] == report["base"] and "not trained" in proc2.stdout
+    proc3 = subprocess.run([sys.executable, "-m", "codebook_features", "demo", "--quick",
+                            "--out", str(tmp_path / "bad"), "--set", f"base_from={out / 'base'}",
+                            "hidden=16"], capture_output=True, text=True, timeout=900)
+    assert proc3.returncode == 2 and len(proc3.stderr.strip().splitlines()) == 1
+    assert "hidden_size differ" in proc3.stderr
     # the models it trained load back, finetuned weights included: same figures as in the run
     from codebook_features.data.tokfsm import TokFSM, build_splits
     from codebook_features.fsm import lm_metrics

@@ -58,6 +58,11 @@ class DemoConfig:
     """Codes per MLP codebook."""
     ks: tuple[int, ...] = (1, 4, 16)
     """k of the attention + MLP variants."""
+    base_from: str = ""
+    """Load the base model from this folder (a previous run's ``base``) instead of training
+    it; the FSM settings must be that run's."""
+    attn_only: bool = True
+    """Also train the attention-only k=1 model (Table 1's second row)."""
     mse_coeff: float = 1.0
     """lambda of every codebook (the paper's 1: MSE summed over features)."""
     from_scratch: bool = False
@@ -120,6 +125,27 @@ def _model_metrics(model: torch.nn.Module, fsm, eval_ds, cfg: DemoConfig) -> dic
     }
 
 
+def _load_base(cfg: DemoConfig, want) -> torch.nn.Module:
+    """The base model of ``cfg.base_from``, checked to have the configured shape."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    try:
+        have = GPTNeoXConfig.from_pretrained(cfg.base_from)
+    except (OSError, ValueError) as e:
+        raise CodebookError(f"base_from={cfg.base_from}: cannot load a GPT-NeoX model there "
+                            f"({str(e).splitlines()[0]}); pass a previous run's base folder"
+                            ) from None
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size")
+    bad = [f for f in fields if getattr(have, f) != getattr(want, f)]
+    if bad:
+        raise CodebookError(f"base_from={cfg.base_from}: its {', '.join(bad)} differ from this "
+                            "run's settings; use the same hidden/layers/heads/mlp")
+    base = GPTNeoXForCausalLM.from_pretrained(cfg.base_from)
+    _log(f"base model loaded from {cfg.base_from} (not trained)")
+    return base
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the whole experiment; returns the report (also written to ``cfg.out``)."""
     from transformers import (
@@ -146,6 +172,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                               states_per_sequence=cfg.states_per_sequence, seed=cfg.seed))
     fsm.save(out / "fsm.json")
     tok = fsm.tokenizer()
+    base_cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=cfg.hidden,
+                             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                             intermediate_size=cfg.mlp, max_position_embeddings=fsm.config.seq_len,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, rotary_pct=0.25)
+    loaded = _load_base(cfg, base_cfg) if cfg.base_from else None  # bad folder: fail first
     n_train = cfg.batch * max(cfg.base_steps, cfg.finetune_steps)
     splits = build_splits(fsm, n_train, max(cfg.analysis_sequences, 200), seed=cfg.seed)
     train_ds, eval_ds = splits["train"], splits["eval"]
@@ -159,17 +191,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # 1. Base model from scratch.
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    base_cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=cfg.hidden,
-                             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                             intermediate_size=cfg.mlp, max_position_embeddings=fsm.config.seq_len,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, rotary_pct=0.25)
-    base = GPTNeoXForCausalLM(base_cfg)
-    _log(f"training the base model ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M "
-         f"parameters) for {cfg.base_steps} steps")
-    Trainer(model=base, args=_train_args(TrainingArguments, out / "runs" / "base", cfg,
-                                         cfg.base_steps, cfg.base_lr),
-            train_dataset=train_ds, data_collator=default_data_collator).train()
+    if loaded is not None:
+        base = loaded
+    else:
+        base = GPTNeoXForCausalLM(base_cfg)
+        _log(f"training the base model ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M"
+             f" parameters) for {cfg.base_steps} steps")
+        Trainer(model=base, args=_train_args(TrainingArguments, out / "runs" / "base", cfg,
+                                             cfg.base_steps, cfg.base_lr),
+                train_dataset=train_ds, data_collator=default_data_collator).train()
     base.save_pretrained(out / "base")
     tok.save_pretrained(out / "base")
     timings["base_train_s"] = time.time() - t0
@@ -177,7 +207,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _log(f"base: {results['base']}")
 
     # 2. Codebook variants, finetuned from the base model.
-    variants = [("attn_k1", ["attn_heads"], 1)] + [
+    variants = [("attn_k1", ["attn_heads"], 1)] * cfg.attn_only + [
         (f"attn_mlp_k{k}", ["attn_heads", "mlp_out"], k) for k in cfg.ks]
     cfg.variants = [v[0] for v in variants]
     models: dict[str, CodebookModel] = {}
