@@ -218,7 +218,9 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.time() - start, ""
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    failed = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    tail = "\n".join(failed[:1] or lines[-3:])
     return ("passed" if proc.returncode == 0 else "failed"), time.time() - start, tail
 
 
