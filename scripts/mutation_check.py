@@ -17,6 +17,7 @@ First a baseline run of every test file used must pass on the unmutated copy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -260,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutants run at once")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per test run")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    p.add_argument("--tests", nargs="*", help="run these test files instead of each "
+                   "mutant's own (e.g. to see which mutants an older suite misses)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = p.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.tests:
+        mutants = [dataclasses.replace(m, tests=tuple(args.tests)) for m in mutants]
     if args.list:
         for m in mutants:
             print(f"{m.name:24} {m.file:20} {m.what}")
