@@ -13,10 +13,12 @@ README changes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import sys
+import textwrap
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,25 +53,26 @@ def render(run: Path, machine: str) -> str:
     rise = (f"Every topic's mention rate rises {min(ratios):.1f} to {max(ratios):.1f} times "
             "over its unsteered baseline" if len(ratios) == len(rows) else
             "Mention rates, unsteered and steered, are in the table")
+    wrap = functools.partial(textwrap.fill, width=96, break_on_hyphens=False)
     return "\n".join([
         BEGIN,
-        f"Measured with the defaults, `codebook-features stories --out {run.name}` on "
-        f"{machine}: {t['total_s']:.0f} s in all (base model {t.get('base_s', 0):.0f} s, "
+        wrap(f"Measured with the defaults, `codebook-features stories --out {run.name}` on "
+        f"{machine}: {t['total_s']:.0f} s in all (base model {t.get('base_train_s', 0):.0f} s, "
         f"codebook finetune {t.get('finetune_s', 0):.0f} s); `python "
         f"scripts/readme_stories.py RUN_DIR` rewrites this block from such a run's "
-        "`report.json` and `table.md`.",
+        "`report.json` and `table.md`."),
         "",
         eval_table,
         "",
-        f"With codebooks{usage} the loss is {ev['with_codebooks']['loss']:.3f} against the "
+        wrap(f"With codebooks{usage} the loss is {ev['with_codebooks']['loss']:.3f} against the "
         f"base model's {ev['base_model']['loss']:.3f}; bypassing them in the finetuned model "
         f"changes it by {bypass:+.3f} nats. Topic steering, {cfg['codes_per_topic']} codes "
         f"{mode} at every position, 4 prompts × {cfg['samples_per_prompt']} samples of "
-        f"{cfg['gen_tokens']} tokens:",
+        f"{cfg['gen_tokens']} tokens:"),
         "",
         steering_table,
         "",
-        f"{rise}.",
+        wrap(f"{rise}."),
         END,
     ])
 

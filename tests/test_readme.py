@@ -146,7 +146,7 @@ def test_readme_stories_block_is_rewritten_from_a_run(tmp_path):
                  "base_model": {"loss": 0.576},
                  "sites": {"layers.0.attn_heads": {"fvu": 0.293, "dead_fraction": 0.0}}},
         "steering": [{"baseline": 0.1, "steered": 0.5}, {"baseline": 0.125, "steered": 0.25}],
-        "timings": {"total_s": 300.4, "base_s": 110.0, "finetune_s": 115.2}}))
+        "timings": {"total_s": 300.4, "base_train_s": 110.0, "finetune_s": 115.2}}))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{rs.BEGIN}\nold figures\n{rs.END}\nafter\n")
     args = [str(run), "--readme", str(readme), "--machine", "a test machine"]
@@ -156,5 +156,6 @@ def test_readme_stories_block_is_rewritten_from_a_run(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\nafter\n")
     assert eval_table in text and steering in text and "old figures" not in text
-    assert "rises 2.0 to 5.0 times" in text and "FVU 0.29, 0% dead codes" in text
-    assert "changes it by +0.138 nats" in text and "300 s in all" in text
+    prose = " ".join(text.split())  # the sentences are wrapped
+    assert "rises 2.0 to 5.0 times" in prose and "FVU 0.29, 0% dead codes" in prose
+    assert "changes it by +0.138 nats" in prose and "300 s in all" in prose
