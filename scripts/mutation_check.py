@@ -1,12 +1,13 @@
 """Planted bugs, one at a time, against the tests that should catch them.
 
 Each mutant is a textual edit ``(file, old, new)`` of the core (codebook, snap, sites, model,
-training, the analysis statistics). The source tree is copied to a temporary folder (``git
-archive`` of a commit, HEAD by default, or the working tree with ``--worktree``); each mutant
-is applied to the copy, the mutant's test files run against it (``PYTHONPATH`` puts the copy's
-``src`` first, subprocesses included), and the copy is restored. The shared working tree is
-never modified. A mutant is *killed* when a test fails, *survived* when all pass, *skipped*
-when its text no longer occurs exactly once (the code changed: update the pattern).
+training, the analysis statistics: code search and the TokFSM metrics). The source tree is
+copied to a temporary folder (``git archive`` of a commit, HEAD by default, or the working
+tree with ``--worktree``); each mutant is applied to the copy, the mutant's test files run
+against it (``PYTHONPATH`` puts the copy's ``src`` first, subprocesses included), and the
+copy is restored. The shared working tree is never modified. A mutant is *killed* when a
+test fails, *survived* when all pass, *skipped* when its text no longer occurs exactly once
+(the code changed: update the pattern).
 
     python scripts/mutation_check.py                 # every mutant, a table and a JSON line
     python scripts/mutation_check.py --only window late --jobs 2 --json out.json
@@ -37,6 +38,7 @@ DEAD_TESTS = ("tests/test_dead_codes.py", "tests/test_codebook.py")
 SITE_TESTS = ("tests/test_sites.py", "tests/test_model.py")
 TRAIN_TESTS = ("tests/test_dead_codes.py", "tests/test_training.py")
 INDEX_TESTS = ("tests/test_code_index.py", "tests/test_analysis_cli.py")
+FSM_TESTS = ("tests/test_fsm_metrics.py",)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,24 @@ MUTANTS = [
            "order = np.lexsort((keep, -rec, -prec))",
            "order = np.lexsort((keep, -prec, -rec))",
            INDEX_TESTS, "codes sorted by recall first"),
+    Mutant("fsm_recall", "fsm.py",
+           "recall = torch.where(fired, top.double() / state_totals[best].clamp(min=1), zero)",
+           "recall = torch.where(fired, top.double() / activations.clamp(min=1), zero)",
+           FSM_TESTS, "TokFSM code recall divided by the code's firings (= precision)"),
+    Mutant("fsm_threshold", "fsm.py",
+           "state_codes = torch.nonzero(fired & (precision >= precision_threshold)",
+           "state_codes = torch.nonzero(fired & (precision > precision_threshold)",
+           FSM_TESTS, "state codes need precision above, not at, the threshold"),
+    Mutant("fsm_distinct", "fsm.py",
+           "pairs = torch.unique(pos * num_codes + codes.reshape(-1))  # distinct (position, "
+           "code)\n    p_pos, p_code = pairs // num_codes, pairs % num_codes\n    counts",
+           "pairs = pos * num_codes + codes.reshape(-1)\n"
+           "    p_pos, p_code = pairs // num_codes, pairs % num_codes\n    counts",
+           FSM_TESTS, "a code chosen twice at one position counts twice"),
+    Mutant("fsm_recall_rank", "fsm.py",
+           "return min(n, max(1, math.ceil(recall * n * (1 - 1e-6))))",
+           "return min(n, max(1, math.floor(recall * n)))",
+           FSM_TESTS, "neuron threshold admits one position too few for the recall"),
     Mutant("neuron_count", "analysis/search.py",
            "best = np.maximum(best, need / (m + 1))",
            "best = np.maximum(best, need / (m + 2))",
