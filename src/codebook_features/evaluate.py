@@ -153,7 +153,7 @@ def model_and_tokenizer(codebooks: str, cfg: Any) -> tuple[Any, Any]:
 @command("eval", "evaluate saved codebooks on a dataset; print the paper's Table 2", _options)
 def _eval(args: argparse.Namespace) -> int:
     from .data.text import load_text, pack, take_rows
-    from .io import write_json, write_text
+    from .io import writable_dir, write_json, write_text
     from .modelcard import refresh_model_card
     from .report import write_code_density_plot
     from .train import STREAM_EVAL_ROWS, load_config
@@ -162,6 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
     d = cfg.data
     if not Path(args.codebooks).is_dir():
         raise CodebookError(f"codebook folder {args.codebooks} not found")
+    writable_dir(args.out or args.codebooks)  # unwritable: one line before any work
     model, tokenizer = model_and_tokenizer(args.codebooks, cfg)
     text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column,
                      d.streaming)

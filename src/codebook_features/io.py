@@ -8,6 +8,8 @@ resumes to the same end.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -22,22 +24,26 @@ from safetensors.torch import load_file, save_file
 from .errors import CodebookError
 
 FAULT_ENV = "CODEBOOK_FEATURES_FAULT"
-"""``KIND:N`` (comma-separated for several): :func:`fault_point` ``KIND`` kills the process
-with SIGKILL the N-th time it is reached. For fault-injection tests only."""
+"""``KIND:N`` or ``KIND@NAME:N`` (comma-separated for several): :func:`fault_point` kills the
+process with SIGKILL the N-th time it reaches a point of that kind (of that file name). For
+fault-injection tests only."""
 _FAULT_COUNTS: dict[str, int] = {}
 
 
-def fault_point(kind: str) -> None:
+def fault_point(kind: str, name: str | None = None) -> None:
     """Count a point of kind ``kind`` (``write``: an atomic write about to be renamed into
-    place, ``written``: one just renamed, ``checkpoint``, ``shard``, ...); SIGKILL this process
-    when ``$CODEBOOK_FEATURES_FAULT`` names this kind and count. Does nothing otherwise."""
+    place, ``written``: one just renamed, ``checkpoint``, ``shard``, ...) and, with ``name``
+    (the file's), of ``kind@name``; SIGKILL this process when ``$CODEBOOK_FEATURES_FAULT``
+    names one of them and its count. Does nothing otherwise."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    _FAULT_COUNTS[kind] = n = _FAULT_COUNTS.get(kind, 0) + 1
+    reached = {}
+    for key in (kind, f"{kind}@{name}") if name else (kind,):
+        _FAULT_COUNTS[key] = reached[key] = _FAULT_COUNTS.get(key, 0) + 1
     for item in spec.split(","):
-        k, _, count = item.strip().partition(":")
-        if k == kind and count.strip().isdigit() and int(count) == n:
+        key, _, count = item.strip().rpartition(":")
+        if key in reached and count.strip().isdigit() and int(count) == reached[key]:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
@@ -66,18 +72,17 @@ def writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
     import errno
 
     p = Path(path)
+    at = p.absolute()  # the nearest existing folder; a file there is named as the blocker
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    if not at.is_dir():
+        code = errno.ENOTDIR if at != p.absolute() else errno.EEXIST
+        raise OSError(code, os.strerror(code), str(at))
+    if os.statvfs(at).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(at))
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(at))
     if not create:
-        at = p.absolute()
-        while not at.exists() and at != at.parent:
-            at = at.parent
-        if not at.is_dir():
-            raise OSError(errno.ENOTDIR if at != p.absolute() else errno.EEXIST,
-                          os.strerror(errno.ENOTDIR if at != p.absolute() else errno.EEXIST),
-                          str(at))
-        if os.statvfs(at).f_flag & os.ST_RDONLY:
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(at))
-        if not os.access(at, os.W_OK | os.X_OK):
-            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(at))
         return p
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -97,13 +102,16 @@ def _atomic_replace(path: Path, write) -> None:
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 -> what open() would give
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        fault_point("write")
+        fault_point("write", path.name)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fault_point("written")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # killed writes'
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    fault_point("written", path.name)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

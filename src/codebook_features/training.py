@@ -438,10 +438,14 @@ class CodebookTrainer(Trainer):
     def _finish_checkpoint(written: str, target: str, staging: str) -> None:
         import shutil
 
+        from .io import fault_point
+
         _fsync_tree(written)
+        fault_point("checkpoint-staged")  # complete, not yet in place
         _move_into_place(written, target)
         shutil.rmtree(staging, ignore_errors=True)
         _fsync(os.path.dirname(target))
+        fault_point("checkpoint")
 
     # Checkpoints: base weights with save_pretrained, codebooks (with statistics) beside them.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

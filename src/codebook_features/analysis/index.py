@@ -302,6 +302,7 @@ def _write_npy(array: np.ndarray, path: Path) -> None:
     with open(tmp, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)
+    fault_point("shard-file")
 
 
 def _write_parquet(table: Any, path: Path) -> None:
@@ -310,6 +311,7 @@ def _write_parquet(table: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, row_group_size=131_072, compression="zstd")
     os.replace(tmp, path)
+    fault_point("shard-file")
 
 
 class _Shard:
