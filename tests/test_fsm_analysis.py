@@ -253,43 +253,53 @@ def test_patch_conditions(cbm):
 
 def test_patch_states_matches_naive_patching(cbm, fsm, ids):
     out = FA.patch_states(cbm, fsm, ids, pairs_per_state=3, seed=2)
-    assert out["pairs"] == len(out["pairs_used"]) > 0
+    assert out["pairs"] == len(out["pairs_used"]) == 3 * fsm.num_states
     assert not any(layer.interventions for layer in cbm.sites.values())
-    # naive: B's codes from BOS + B; the patch done by a hook that overwrites each codebook's
-    # output at A's final digit with B's code vector; JSD by the direct formula
+    # naive: B's codes from BOS + B; pair by pair, the library's replace_code puts them in
+    # every group and slot of the patched codebooks at A's final digit; JSD by the formula
     alone = fsm.encode(torch.arange(fsm.num_states)[:, None])
-
-    def run(prefix, patch=None):
-        handles = []
-        for site, vec in (patch or {}).items():
-            def hook(module, args, y, vec=vec, pos=prefix.shape[0] - 1):
-                y = y.clone()
-                y[:, pos] = vec
-                return y
-            handles.append(cbm.site(site).register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                return torch.softmax(cbm(prefix[None]).logits[0, -1].double(), -1).tolist()
-        finally:
-            for h in handles:
-                h.remove()
-
     with torch.no_grad():
-        b_logits = cbm(alone).logits[:, -1]
+        b_probs = torch.softmax(cbm(alone).logits[:, -1].double(), -1)
         b_codes = {n: c[:, -1] for n, c in cbm.codes().items()}
-    b_probs = torch.softmax(b_logits.double(), -1)
-    for cond in ("mlp_layer1", "mlp_all"):
+
+    def patched(prefix, b, sites):
+        for n in sites:
+            for g in range(b_codes[n].shape[1]):
+                cbm.site(n).replace_code(int(b_codes[n][b, g, 0]), slot=0, group=g,
+                                         positions=[prefix.shape[0] - 1])
+
+    for cond in ("mlp_layer1", "attn_all", "mlp_all", "attn_mlp_all"):
         sites = out["conditions"][cond]
-        num = den = 0.0
+        num = den = mass = 0.0
         for a, b, row, j in out["pairs_used"]:
             assert int(fsm.decode(ids[row:row + 1])[0, j]) == a and a != b
             prefix = ids[row, : 1 + 2 * (j + 1)]
-            vecs = {n: cbm.site(n).codebook.detach()[0][b_codes[n][b, 0, 0]] for n in sites}
-            num += naive_jsd(run(prefix, vecs), b_probs[b].tolist())
-            den += naive_jsd(run(prefix), b_probs[b].tolist())
+            with torch.no_grad():
+                plain = torch.softmax(cbm(prefix[None]).logits[0, -1].double(), -1)
+                patched(prefix, b, sites)
+                p = torch.softmax(cbm(prefix[None]).logits[0, -1].double(), -1)
+                if cond == "mlp_all":
+                    probs = M.next_state_probs(cbm, prefix, fsm)
+                    mass += sum(float(probs[s]) for s in fsm.successors(b)) / float(probs.sum())
+            cbm.clear_interventions()
+            num += naive_jsd(p.tolist(), b_probs[b].tolist())
+            den += naive_jsd(plain.tolist(), b_probs[b].tolist())
         assert math.isclose(out["normalized_jsd"][cond], round(num / den, 4), abs_tol=2e-4)
         assert math.isclose(out["jsd_unpatched"], round(den / out["pairs"], 4), abs_tol=1e-4)
-    assert 0 <= out["success"] <= 1 and 0 <= out["success_before"] <= 1
+        if cond == "mlp_all":
+            assert math.isclose(out["success"], round(mass / out["pairs"], 4), abs_tol=2e-4)
+    assert 0 <= out["success_before"] <= 1
+
+
+def test_next_state_probs_of_the_patch_pass_match_the_generic_one(cbm, fsm, ids):
+    prefix = ids[:5, :7]
+    got = FA._next_state_probs(cbm, fsm, prefix, None, 6)
+    assert torch.allclose(got, M.next_state_probs(cbm, prefix, fsm), atol=1e-9)
+    three = TokFSM(TokFSMConfig(num_states=300, successors=3, states_per_sequence=4, digits=3,
+                                seed=0))
+    prefix3 = three.encode(three.sample_states(2, seed=1))[:, :7]
+    got3 = FA._next_state_probs(cbm, three, prefix3, None, 6)
+    assert torch.allclose(got3, M.next_state_probs(cbm, prefix3, three), atol=1e-9)
 
 
 def test_patch_that_determines_the_output_gives_jsd_zero(fsm, ids):

@@ -18,7 +18,6 @@ digits of each state).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,112 +204,162 @@ def patch_conditions(cbm) -> dict[str, list[str]]:
     return out
 
 
+class _OutputPatch:
+    """Forward hooks that overwrite the output of codebook layers at one token position,
+    row by row: row ``r`` gets ``vectors[site][r]``. A codebook's output is a function of the
+    codes it chose, so this is overwriting its codes with the ones that produced the vectors,
+    with a different code per row (the per-site ``replace_code`` puts one code in every row)."""
+
+    def __init__(self, cbm, vectors: dict[str, torch.Tensor], position: int) -> None:
+        self.handles = []
+        for n, vec in vectors.items():
+            def hook(module, args, out, vec=vec):
+                out = out.clone()
+                out[:, position] = vec.to(out.device, out.dtype)
+                return out
+            self.handles.append(cbm.site(n).register_forward_hook(hook))
+
+    def __enter__(self) -> _OutputPatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
-def state_alone_codes(cbm, fsm) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run BOS + each state's digits alone: every site's codes at the final digit
-    ``{site: (S, G, k)}`` and the next-token distribution there (S, V)."""
+def state_alone(cbm, fsm) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                   torch.Tensor]:
+    """Run BOS + each state's digits alone. Returns, at the final digit, every site's codes
+    ``{site: (S, G, k)}``, every codebook's output ``{site: (S, dim)}`` and the next-token
+    distribution (S, V)."""
     prompts = fsm.encode(torch.arange(fsm.num_states)[:, None], bos=True)
-    logits = fm._logits(cbm.base_model(input_ids=prompts.to(fm.model_device(cbm.base_model))))
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [cbm.site(n).register_forward_hook(
+        lambda m, a, out, n=n: outputs.__setitem__(n, out[:, -1].detach().cpu()))
+        for n in cbm.site_names]
+    try:
+        logits = fm._logits(cbm.base_model(input_ids=prompts.to(fm.model_device(cbm.base_model))))
+    finally:
+        for h in handles:
+            h.remove()
     codes = {n: layer.last_codes[:, -1].cpu() for n, layer in cbm.sites.items()}
-    return codes, torch.softmax(logits[:, -1].double(), -1).cpu()
+    return codes, outputs, torch.softmax(logits[:, -1].double(), -1).cpu()
 
 
-def patch_codes(cbm, sites: Sequence[str], codes: dict[str, torch.Tensor], position: int
-                ) -> None:
-    """Overwrite every group's and slot's code of ``sites`` at ``position`` with ``codes``
-    (``{site: (G, k)}``); undo with ``cbm.clear_interventions()``."""
-    for n in sites:
-        layer = cbm.site(n)
-        c = codes[n]
-        for g in range(c.shape[0]):
-            for slot in range(c.shape[1]):
-                layer.replace_code(int(c[g, slot]), slot=slot, group=g, positions=[position])
+def _last_probs(cbm, rows: torch.Tensor, count: int = 1) -> torch.Tensor:
+    """Softmax over the vocabulary at the last ``count`` positions: (R, count, V) float64."""
+    logits = fm._logits(cbm.base_model(input_ids=rows.to(fm.model_device(cbm.base_model))))
+    return torch.softmax(logits[:, -count:].double(), -1).cpu()
+
+
+def _next_state_probs(cbm, fsm, prefix: torch.Tensor, vectors: dict[str, torch.Tensor] | None,
+                      position: int) -> torch.Tensor:
+    """(R, S) next-state distribution after each prefix row, as the authors compute it: one
+    pass over every row extended by each continuation of ``digits - 1`` digits (the first
+    digits' probabilities are read at the earlier positions of the same pass), with
+    ``vectors`` (one per prefix row) patched in at ``position``."""
+    d = fsm.digits
+    conts = fm.fsm_digit_grid(d - 1)  # (10**(d-1), d-1)
+    r, m = prefix.shape[0], conts.shape[0]
+    rows = torch.cat([prefix.repeat_interleave(m, 0), conts.repeat(r, 1)], 1)
+    rep = {n: v.repeat_interleave(m, 0) for n, v in (vectors or {}).items()}
+    with _OutputPatch(cbm, rep, position):
+        p = _last_probs(cbm, rows, d)[..., : fm.NUM_DIGIT_TOKENS]  # (R*m, d, 10)
+    # P(state g) = p_0(g_0) * prod_{j >= 1} p_j(g_j | g_<j): digit j is read at the prefix's
+    # last position + j in the continuation that spells g_0 .. g_{d-2}
+    grid = fm.fsm_digit_grid(d)  # (10**d, d) every digit string, lexicographic = state order
+    powers = 10 ** torch.arange(d - 2, -1, -1)
+    cont_id = (grid[:, : d - 1] * powers).sum(1)  # (10**d,) all zeros for d = 1
+    pr = p.view(r, m, d, fm.NUM_DIGIT_TOKENS)
+    probs = pr[:, 0, 0][:, grid[:, 0]]
+    for j in range(1, d):
+        probs = probs * pr[:, cont_id, j].gather(-1, grid[:, j].expand(r, -1)[..., None])[..., 0]
+    return probs[:, : fsm.num_states]
 
 
 @torch.no_grad()
 def patch_states(cbm, fsm, ids: torch.Tensor, pairs_per_state: int = 10, seed: int = 0,
-                 conditions: dict[str, list[str]] | None = None) -> dict[str, Any]:
+                 conditions: dict[str, list[str]] | None = None, positions: int = 4
+                 ) -> dict[str, Any]:
     """The paper's patching experiment; returns the report's ``intervention`` section.
 
     For every state B, ``pairs_per_state`` held-out rows of ``ids`` are cut after the state
-    A at one random state index (rows where A == B are skipped). For each condition (default
-    :func:`patch_conditions`), B's codes (:func:`state_alone_codes`) overwrite all codes of
-    the condition's codebooks at A's final digit, and the next-token distribution there is
-    compared with B's own: ``normalized_jsd[cond] = mean JSD(patched, B) / mean JSD(A, B)``
-    over the pairs. ``success``: the share of next-state probability on B's successors after
-    the ``mlp_all`` patch (mean over pairs; ``success_before``: the same without patching).
-    ``pairs_used``: ``[A, B, row, j]`` of every pair (A is state ``j`` of row ``row``).
+    A at one of ``positions`` state indices spread over the sequence (rows where A == B are
+    skipped). For each condition (default :func:`patch_conditions`), the codes B's codebooks
+    chose on BOS + B alone (:func:`state_alone`) replace all codes of the condition's
+    codebooks at A's final digit, and the next-token distribution there is compared with
+    B's own: ``normalized_jsd[cond] = mean JSD(patched, B) / mean JSD(A, B)`` over the pairs.
+    ``success``: the share of next-state probability on B's successors after the ``mlp_all``
+    patch (mean over pairs; ``success_before``: without patching). ``pairs_used``:
+    ``[A, B, row, j]`` of every pair (A is state ``j`` of row ``row``).
     """
     conditions = patch_conditions(cbm) if conditions is None else conditions
     if not conditions:
         raise CodebookError("patch_states: the model has no attention or MLP codebooks")
     ids = torch.as_tensor(ids, dtype=torch.long).cpu()
     states = fsm.decode(ids)
-    if states.shape[1] < 2:
+    length = states.shape[1]
+    if length < 2:
         raise CodebookError("patch_states needs held-out sequences of at least 2 states")
     was_training = cbm.training
     cbm.eval()
     cbm.clear_interventions()
-    b_codes, b_probs = state_alone_codes(cbm, fsm)
     gen = torch.Generator().manual_seed(seed)
-    dev = fm.model_device(cbm.base_model)
-    d = fsm.digits
-    jsd = {name: [] for name in ["none", *conditions]}
-    succ_before, succ_after, pair_list = [], [], []
-    adjacency = torch.as_tensor(fsm.adjacency, dtype=torch.bool)
-    try:
-        for b in range(fsm.num_states):
-            j = int(torch.randint(0, states.shape[1] - 1, (1,), generator=gen))
-            rows = torch.randperm(len(ids), generator=gen)
-            rows = rows[states[rows, j] != b][:pairs_per_state]
-            rows = rows[states[rows, j] >= 0]
-            if rows.numel() == 0:
-                continue
-            prefix = ids[rows, : 1 + d * (j + 1)]
-            pos = d * (j + 1)  # A's final digit (the prefix's last position)
-            target = b_probs[b].expand(len(rows), -1)
-            site_codes = {n: c[b] for n, c in b_codes.items()}
-            for name in jsd:
-                if name != "none":
-                    patch_codes(cbm, conditions[name], site_codes, pos)
-                logits = fm._logits(cbm.base_model(input_ids=prefix.to(dev)))[:, -1]
-                p = torch.softmax(logits.double(), -1).cpu()
-                jsd[name].append(fm.js_divergence(p, target, normalized=False))
-                cbm.clear_interventions()
-            mask = adjacency[b]
-            succ_before.append(fm.successor_mass(fm.next_state_probs(cbm.base_model, prefix,
-                                                                     fsm), mask))
-            if "mlp_all" in conditions:
-                patch_codes(cbm, conditions["mlp_all"], site_codes, pos)
-                succ_after.append(fm.successor_mass(fm.next_state_probs(cbm.base_model, prefix,
-                                                                        fsm), mask))
-                cbm.clear_interventions()
-            pair_list += [[int(states[r, j]), b, int(r), j] for r in rows.tolist()]
-    finally:
-        cbm.clear_interventions()
-        cbm.train(was_training)
+    spots = sorted({int(round(x)) for x in torch.linspace(0, length - 2, positions + 2)[1:-1]
+                    .tolist()} or {0})
+    pairs: dict[int, list[list[int]]] = {j: [] for j in spots}
+    for b in range(fsm.num_states):
+        for i in range(pairs_per_state):
+            j = spots[(b * pairs_per_state + i) % len(spots)]
+            ok = torch.nonzero((states[:, j] >= 0) & (states[:, j] != b)).reshape(-1)
+            if ok.numel():
+                row = int(ok[torch.randint(ok.numel(), (1,), generator=gen)])
+                pairs[j].append([int(states[row, j]), b, row, j])
+    pair_list = [p for j in spots for p in pairs[j]]
     if not pair_list:
         return {"pairs": 0, "note": "no (A, B) pairs: too few held-out sequences"}
+    adjacency = torch.as_tensor(fsm.adjacency, dtype=torch.bool)
+    jsd: dict[str, list[torch.Tensor]] = {name: [] for name in ["none", *conditions]}
+    success: dict[str, list[torch.Tensor]] = {"none": [], "mlp_all": []}
+    try:
+        _, b_out, b_probs = state_alone(cbm, fsm)
+        for j in spots:
+            if not pairs[j]:
+                continue
+            group = torch.tensor(pairs[j])
+            rows, bs = group[:, 2], group[:, 1]
+            prefix = ids[rows, : 1 + fsm.digits * (j + 1)]
+            pos = fsm.digits * (j + 1)  # A's final digit (the prefix's last position)
+            for name in jsd:
+                sites = [] if name == "none" else conditions[name]
+                vectors = {n: b_out[n][bs] for n in sites}
+                with _OutputPatch(cbm, vectors, pos):
+                    p = _last_probs(cbm, prefix)[:, -1]
+                jsd[name].append(fm.js_divergence(p, b_probs[bs], normalized=False))
+                if name in success:
+                    probs = _next_state_probs(cbm, fsm, prefix, vectors, pos)
+                    success[name].append(fm.successor_mass(probs, adjacency[bs]))
+    finally:
+        cbm.train(was_training)
     per = {name: torch.cat(v) for name, v in jsd.items()}
     base = float(per["none"].mean())
-    normalized = {name: _r(float(v.mean()) / base) if base > 0 else None
-                  for name, v in per.items() if name != "none"}
-    before = torch.cat(succ_before)
     out = {
         "pairs": len(pair_list),
-        "method": "B's codes from BOS + B alone overwrite all codes of the patched codebooks "
+        "method": "B's codes from BOS + B alone replace all codes of the patched codebooks "
                   "at A's final digit; JSD of the next-token distribution from B's own, "
                   "averaged over pairs and divided by the unpatched average",
         "jsd_unpatched": _r(base),
         "jsd": {name: _r(float(v.mean())) for name, v in per.items() if name != "none"},
-        "normalized_jsd": normalized,
+        "normalized_jsd": {name: _r(float(v.mean()) / base) if base > 0 else None
+                           for name, v in per.items() if name != "none"},
         "conditions": {name: list(s) for name, s in conditions.items()},
-        "success_before": _r(float(before.mean())),
+        "success_before": _r(float(torch.cat(success["none"]).mean())),
         "success": None,
         "pairs_used": pair_list,
     }
-    if succ_after:
-        after = torch.cat(succ_after)
+    if success["mlp_all"]:
+        after = torch.cat(success["mlp_all"])
         out["success"] = _r(float(after.mean()))
         out["median_success"] = _r(float(after.median()))
     return out
