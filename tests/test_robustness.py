@@ -233,3 +233,30 @@ def test_steer_without_code_refuses(tmp_path, capsys):
     assert main(["steer", str(tmp_path / "nowhere")]) == 2
     err = last_line(capsys.readouterr().err)
     assert err.startswith("error: no --code given: the generation would run unsteered")
+
+
+def test_other_bad_input_found_by_the_search_is_one_line(workload, tmp_path, capsys):
+    """What a sweep of every command with bad paths and values found: each one line."""
+    from codebook_features.model import CodebookModel, load_base_model
+
+    d, corpus = workload
+    cb = tmp_path / "cb"
+    CodebookModel(load_base_model(d / "model"), placements=["attn_heads"], num_codes=8
+                  ).save_codebooks(cb, base_model_name=str(d / "model"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    (ix / "meta.json").write_text('{"format": "codebook-features/code-index", "version": 2}')
+    for argv, want in (
+            (["steer", str(cb), "--code", "layers.0.attn_heads:0:1", "--tokenizer",
+              str(empty)], f"cannot load a tokenizer from '{empty}'"),
+            (["eval", str(cb), str(CONFIG), *overrides(d, corpus, tmp_path / "r"),
+              "--batch-size", "0"], "--batch-size 0: give at least 1"),
+            (["synthetic", "--steps", "0", "--out", str(tmp_path / "s")],
+             "--steps 0: give at least 1"),
+            (["search", str(ix), "--site", "x", "--code", "1"], "meta.json: malformed"),
+            (["browse", str(ix)], "meta.json: malformed")):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert want in last_line(capsys.readouterr().err), argv

@@ -43,6 +43,8 @@ def _synthetic(args: argparse.Namespace) -> int:
     from .io import writable_dir
     from .synthetic import train_on_clusters
 
+    if args.steps < 1:
+        raise CodebookError(f"--steps {args.steps}: give at least 1")
     writable_dir(args.out)
     metrics = train_on_clusters(steps=args.steps, seed=args.seed, out=args.out)
     print(json.dumps(metrics, indent=2))

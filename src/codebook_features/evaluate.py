@@ -123,9 +123,7 @@ def model_and_tokenizer(codebooks: str, cfg: Any) -> tuple[Any, Any]:
     weights and tokenizer saved beside the codebooks) is evaluated with its own tokenizer,
     which the config's must equal; codebooks alone need the config's model to be the base
     they were trained on."""
-    from transformers import AutoTokenizer
-
-    from .io import read_json
+    from .io import load_tokenizer, read_json
     from .model import CONFIG_NAME, CodebookModel
 
     d = Path(codebooks)
@@ -139,9 +137,9 @@ def model_and_tokenizer(codebooks: str, cfg: Any) -> tuple[Any, Any]:
                                 f"the config names model={cfg.model}; evaluate with the run's "
                                 f"config (or the override model={recorded})")
     model = CodebookModel.from_pretrained(d, base_model=d if own else cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(named)
+    tokenizer = load_tokenizer(named)
     if own and (d / "tokenizer_config.json").is_file():
-        saved = AutoTokenizer.from_pretrained(d)
+        saved = load_tokenizer(d)
         if saved.get_vocab() != tokenizer.get_vocab():
             raise CodebookError(f"{d}: the tokenizer saved with the model differs from the "
                                 f"config's ({named}); evaluate with the run's config (or the "
@@ -162,6 +160,8 @@ def _eval(args: argparse.Namespace) -> int:
     d = cfg.data
     if not Path(args.codebooks).is_dir():
         raise CodebookError(f"codebook folder {args.codebooks} not found")
+    if args.batch_size < 1:
+        raise CodebookError(f"--batch-size {args.batch_size}: give at least 1")
     writable_dir(args.out or args.codebooks)  # unwritable: one line before any work
     model, tokenizer = model_and_tokenizer(args.codebooks, cfg)
     text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column,

@@ -149,6 +149,20 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {})))
 
 
+def load_tokenizer(name: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(name, **kwargs)`` with every failure (no such folder or
+    hub name, an empty or broken folder, a tokenizer that needs a missing library) turned
+    into a one-line CodebookError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CodebookError(f"cannot load a tokenizer from {str(name)!r} ({why}); pass a "
+                            "folder or hub name that holds one") from None
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning a missing or corrupt file into a CodebookError."""
     path = Path(path)

@@ -403,9 +403,9 @@ def _positions_arg(text: str) -> str | list[int]:
 def _steer_command(args: Any) -> int:
     import json
 
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .io import load_tokenizer
     from .model import CodebookModel
 
     hf_logging.set_verbosity_error()
@@ -417,7 +417,7 @@ def _steer_command(args: Any) -> int:
     codes = [parse_steer_code(c) for c in args.code]
     positions = _positions_arg(args.positions)
     model = CodebookModel.from_pretrained(args.codebooks, base_model=args.base)
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = load_tokenizer(
         args.tokenizer or args.base or model.base_info()["name_or_path"])
     kw = dict(positions=positions, max_new_tokens=args.max_new_tokens,
               num_samples=args.samples, do_sample=not args.greedy,

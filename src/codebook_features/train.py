@@ -484,11 +484,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
-    from transformers import AutoConfig, AutoTokenizer, default_data_collator
+    from transformers import AutoConfig, default_data_collator
 
     from .data.text import take_rows
     from .evaluate import evaluate_codebooks
-    from .io import read_json, write_json
+    from .io import load_tokenizer, read_json, write_json
     from .model import CodebookModel, CodebookModelConfig, load_base_model
     from .training import CodebookTrainer, kmeans_init_codebooks, last_complete_checkpoint
 
@@ -504,7 +504,7 @@ def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
     if positions is not None and cfg.data.seq_len > positions:
         raise CodebookError(f"data.seq_len={cfg.data.seq_len} exceeds the model's "
                             f"{positions} positions; lower data.seq_len")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     train_ds, eval_ds = build_datasets(cfg, tokenizer, args.seed)
 
     base = load_base_model(cfg.model)

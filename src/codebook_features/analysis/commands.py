@@ -39,11 +39,9 @@ def _index_options(p: argparse.ArgumentParser) -> None:
 @command("index", "run a codebook model over a corpus and store every token's codes",
          _index_options)
 def _index(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from ..data.text import load_text
     from ..errors import CodebookError
-    from ..io import read_json, writable_dir
+    from ..io import load_tokenizer, read_json, writable_dir
     from ..model import CodebookModel
     from .index import META_NAME, build_index
 
@@ -57,7 +55,7 @@ def _index(args: argparse.Namespace) -> int:
             texts.select(range(min(args.max_docs, len(texts))))
     model = CodebookModel.from_pretrained(args.codebooks, base_model=args.base).eval()
     name = args.tokenizer or args.base or model.base_info()["name_or_path"]
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = load_tokenizer(name)
     path = build_index(model, tokenizer, texts, args.out, shard_tokens=args.shard_tokens,
                        batch_size=args.batch_size, text_column=args.text_column,
                        codebooks=args.codebooks)

@@ -136,6 +136,14 @@ class CodeIndex:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CodebookError(f"{meta_path}: not a code index meta file; build the index "
                                 "with build_index")
+        kinds = {"shards": list, "sites": list, "settings": dict, "base_model": dict}
+        bad = [k for k, t in kinds.items() if not isinstance(meta.get(k), t)]
+        if meta.get("complete"):
+            bad += [k for k in ("num_tokens", "num_docs") if not isinstance(meta.get(k), int)]
+        if meta.get("version") == FORMAT_VERSION and bad:
+            raise CodebookError(f"{meta_path}: malformed ({', '.join(bad)} missing or of the "
+                                "wrong type); rebuild the index with build_index into a new "
+                                "folder")
         if meta.get("version") != FORMAT_VERSION:
             raise CodebookError(f"{path}: the code index has format version "
                                 f"{meta.get('version')}, this codebook-features reads version "
