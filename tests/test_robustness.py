@@ -260,3 +260,34 @@ def test_other_bad_input_found_by_the_search_is_one_line(workload, tmp_path, cap
         capsys.readouterr()
         assert main(argv) == 2, argv
         assert want in last_line(capsys.readouterr().err), argv
+
+
+def test_os_errors_wrapped_by_libraries_are_one_line(tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... Os { code: 28 ... }"); a
+    library error raised from an OSError carries it as its cause: both one line."""
+    from safetensors import SafetensorError
+
+    import codebook_features.io as cio
+
+    def full(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                              'StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(cio, "save_file", full)
+    assert main(["synthetic", "--out", str(tmp_path / "a"), "--steps", "1"]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        f"error: {os.strerror(errno.ENOSPC)}; the disk is full; free some space (or pass a "
+        "folder on another disk) and run again: finished work is kept")
+
+    def wrapped(*a, **k):
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/x/y")
+        except OSError as e:
+            raise RuntimeError("could not save") from e
+
+    monkeypatch.setattr(cio, "save_file", wrapped)
+    assert main(["synthetic", "--out", str(tmp_path / "b"), "--steps", "1"]) == 2
+    assert last_line(capsys.readouterr().err).startswith("error: /x/y: Permission denied; ")
+    monkeypatch.setattr(cio, "save_file", lambda *a, **k: 1 / 0)  # a bug: its traceback
+    with pytest.raises(ZeroDivisionError):
+        main(["synthetic", "--out", str(tmp_path / "c"), "--steps", "1"])

@@ -107,6 +107,26 @@ def os_error_line(e: OSError) -> str:
     return f"{where}{reason}" + (f"; {fix}" if fix else "")
 
 
+def wrapped_os_error(e: BaseException) -> OSError | None:
+    """The filesystem error inside another library's exception: an OSError it was raised
+    from, or one a Rust library (safetensors, tokenizers) wrote into its message
+    (``Os { code: 28, ... }``); None when there is none."""
+    import re
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            return cur
+        m = re.search(r"\bOs \{ code: (\d+)", str(cur))
+        if m:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -116,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as e:  # every command's filesystem and I/O errors, at this one depth
         print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # ... also when a library wraps them in its own exception
+        inner = wrapped_os_error(e)
+        if inner is None:
+            raise
+        print(f"error: {os_error_line(inner)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
