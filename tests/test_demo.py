@@ -35,6 +35,14 @@ def test_demo_quick_writes_full_report(tmp_path):
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
     assert "Smoke run" in html and "NOT met" not in html and ">None<" not in html
+    # the standard evaluation of every codebook model, in report.json and report.html
+    for key in ("attn_k1", "attn_mlp_k1", "attn_mlp_k2"):
+        std = report[key]["standard"]
+        assert "all" in std and "layers.1.attn_heads" in std, key
+        assert 0 <= std["all"]["alive_fraction"] <= 1 and std["all"]["kl_div"] >= 0, key
+    assert report["attn_k1"]["standard"]["all"]["l0"] == 2 * 2 * 1  # 2 layers x 2 heads, k=1
+    assert report["attn_mlp_k2"]["standard"]["layers.0.mlp_out"]["l0"] == 2
+    assert "Standard evaluation" in html and "CE rec. (zero)" in html
     for t in report["targets"]:  # every target is printed with its verdict
         assert f"[n/a] {t['target']}" in proc.stdout
     # a rerun on the same base model (loaded, not trained), the analysed model only

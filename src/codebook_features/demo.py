@@ -111,6 +111,14 @@ def _train_args(cls, out: Path, cfg: DemoConfig, steps: int, lr: float, **kw: An
     return train_args(cls, out, cfg.batch, cfg.seed, steps, lr, **kw)
 
 
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A model's figures for the log: the standard evaluation's ``all`` row only."""
+    out = {k: v for k, v in metrics.items() if k not in ("standard", "code_density")}
+    if "standard" in metrics:
+        out["standard_all"] = {k: round(v, 4) for k, v in metrics["standard"]["all"].items()}
+    return out
+
+
 def _model_metrics(model: torch.nn.Module, fsm, eval_ds, cfg: DemoConfig) -> dict[str, float]:
     from . import fsm as fsm_metrics
 
@@ -158,6 +166,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from .data.tokfsm import TokFSM, TokFSMConfig, build_splits
+    from .evaluate import evaluate_codebooks
     from .model import CodebookModel
     from .training import CodebookTrainer, CodebookTrainingArguments, kmeans_init_codebooks
 
@@ -241,8 +250,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         results[name]["codebook_mse"] = trainer.state.log_history[-2].get("codebook_mse")
         results[name]["dead_code_fraction"] = trainer.state.log_history[-2].get(
             "dead_code_fraction")
+        # The standard evaluation (CE loss recovered, KL, explained variance, L0, alive).
+        std = evaluate_codebooks(cbm, eval_ds, batch_size=64)
+        results[name]["standard"] = std["standard"]
+        results[name]["code_density"] = std["code_density"]
         timings[f"{name}_s"] = time.time() - t0
-        _log(f"{name}: {results[name]}")
+        _log(f"{name}: {_summary(results[name])}")
         models[name] = cbm
 
     # 3. State codes vs neurons, and interventions, on the attention + MLP k=1 model.
@@ -382,7 +395,8 @@ def apply_overrides(cfg: Any, items: list[str], frozen: tuple[str, ...] = ()) ->
          _options)
 def _demo(args: argparse.Namespace) -> int:
     report = run_demo(config_from_args(args))
-    print(json.dumps({k: report[k] for k in ("base", *report["config"]["variants"])}, indent=1))
+    print(json.dumps({k: _summary(report[k]) for k in ("base", *report["config"]["variants"])},
+                     indent=1))
     for t in report["targets"]:
         flag = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
         print(f"  [{flag}] {t['target']}: {t['value']}")

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from .io import write_text
-from .report import CSS, _fig_to_img, _table
+from .report import CSS, _fig_to_img, _table, code_density_img
 
 VERDICT = {True: ("met", "met"), False: ("miss", "NOT met"), None: ("na", "n/a")}
 EXTRA_CSS = """
@@ -93,6 +93,38 @@ def _targets_table(targets: list[dict[str, Any]]) -> str:
             + "".join(rows) + "</table>")
 
 
+STANDARD = ("ce_loss", "ce_loss_base", "ce_loss_recovered_zero", "ce_loss_recovered_mean",
+            "kl_div", "explained_variance", "fvu", "l0", "alive_fraction")
+STANDARD_HEADER = ["CE loss", "CE base", "CE rec. (zero)", "CE rec. (mean)", "KL",
+                   "expl. var.", "FVU", "L0", "alive"]
+
+
+def _standard_section(report: dict[str, Any], variants: list[str], analysed: str) -> list[str]:
+    """The standard (sparse-autoencoder) evaluation: every model with all its codebooks,
+    the analysed model per site, and its code density plot."""
+    have = [m for m in variants if "standard" in report.get(m, {})]
+    if not have:
+        return []
+    rows = [[m, *[report[m]["standard"]["all"][k] for k in STANDARD]] for m in have]
+    parts = ["<h2>Standard evaluation (as sparse-autoencoder tools report it)</h2>",
+             "<p>Each model with all its codebooks in. CE rec.: the share of the loss gap "
+             "between ablating the sites (zeros, or their mean activation) and the model "
+             "without codebooks that the codebooks recover; KL: KL(without || with codebooks) "
+             "of the next-token distribution per token; expl. var.: of the codebooks' "
+             "normalised input; L0: codes active per token; alive: codes that fired on the "
+             "evaluation set.</p>",
+             _table(["model", *STANDARD_HEADER], rows)]
+    if analysed in have:
+        std = report[analysed]["standard"]
+        site_rows = [[site, *[v[k] for k in STANDARD]] for site, v in std.items()]
+        parts += [f"<h3>Model <code>{html.escape(analysed)}</code>, each site spliced in alone"
+                  "</h3>", _table(["site", *STANDARD_HEADER], site_rows)]
+        if report[analysed].get("code_density"):
+            parts += ["<p>Code density: codes by log10 firing frequency (firings per token), "
+                      "each site alone.</p>", code_density_img(report[analysed]["code_density"])]
+    return parts
+
+
 def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the TokFSM demo's HTML report (atomically)."""
     cfg = report["config"]
@@ -139,6 +171,7 @@ def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
         _table(["model", "loss", "LM acc", "state acc", "first-transition acc", "codebook MSE",
                 "dead codes"], model_rows),
         _accuracy_plot(report, models),
+        *_standard_section(report, cfg["variants"], f"attn_mlp_k{cfg['ks'][0]}"),
         "<h2>State codes vs neurons</h2>",
         f"<p>Model <code>attn_mlp_k{cfg['ks'][0]}</code>. In each codebook, each state's best "
         "code is searched on the positions of the state's final digit (recall: share of those "
