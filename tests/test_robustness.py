@@ -61,6 +61,9 @@ def test_finished_run_is_left_alone_and_a_larger_max_steps_continues_it(workload
     assert again == json.loads(json.dumps(first))
     assert _digest(out / "final") == final  # final/ untouched
     assert not (out / "checkpoint-3").exists()  # no step past max_steps
+    with pytest.raises(CodebookError, match=r"final: the finished run there was trained with "
+                       r"codebooks\.num_codes=16, the config now has 32"):
+        run_training(load_config(CONFIG, overrides(d, corpus, out, "codebooks.num_codes=32")))
     # A larger max_steps continues from the last checkpoint.
     more = run_training(load_config(CONFIG, overrides(d, corpus, out, "training.max_steps=4")))
     err = capsys.readouterr().err

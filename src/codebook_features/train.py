@@ -431,17 +431,23 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def finished_run(args: Any) -> dict[str, Any] | None:
+def finished_run(args: Any, cfg_codebooks: dict[str, Any]) -> dict[str, Any] | None:
     """The final metrics of a run already finished in ``args.output_dir`` to at least the
     target ``args`` set (``max_steps``, or with -1 ``num_train_epochs``), else None. A finished
     run whose target was lower is continued from its last checkpoint (None, with a line that
-    says so); without a checkpoint to continue from, a CodebookError."""
+    says so); without a checkpoint to continue from, or with other codebook settings
+    (``cfg_codebooks``) than the run's, a CodebookError."""
     from .io import read_json
     from .training import last_complete_checkpoint
 
     final = Path(args.output_dir) / "final"
     if not (final / FINISHED_NAME).is_file() or not (final / "metrics.json").is_file():
         return None
+    from .model import CodebookModelConfig
+    from .training import check_checkpoint_config
+
+    check_checkpoint_config(final, CodebookModelConfig.from_dict(dict(cfg_codebooks)),
+                            "the finished run there was trained")
     done = read_json(final / FINISHED_NAME)
     step = int(done.get("global_step", 0))
     if args.max_steps > 0:
@@ -472,7 +478,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     A run already finished in the output folder is left alone (its metrics are returned); one
     interrupted, or finished to a lower ``max_steps``, continues from its last checkpoint."""
     args = training_arguments(cfg)
-    done = finished_run(args)
+    done = finished_run(args, cfg.codebooks)
     if done is not None:
         return done
     from .io import writable_dir

@@ -195,9 +195,11 @@ RUNTIME_SETTINGS = ("chunk_mib", "search_backend", "check_finite")
 """Codebook settings that change how codes are found, not which: free to change on resume."""
 
 
-def check_checkpoint_config(checkpoint: str | os.PathLike, model: CodebookModel) -> None:
+def check_checkpoint_config(checkpoint: str | os.PathLike, model: Any,
+                            what: str = "the run to resume was started") -> None:
     """Raise a CodebookError naming the first codebook setting (``num_codes``, ``placements``,
-    ...) in which ``model`` differs from the checkpoint it is to resume from."""
+    ...) in which ``model`` (a CodebookModel, or its CodebookModelConfig) differs from the
+    checkpoint (or saved codebooks folder) it is to resume from."""
     from .errors import CodebookError
     from .io import read_json
     from .model import CONFIG_NAME, CodebookModelConfig
@@ -208,11 +210,12 @@ def check_checkpoint_config(checkpoint: str | os.PathLike, model: CodebookModel)
         raise CodebookError(f"{checkpoint}: {CONFIG_NAME} holds no codebook config; the "
                             "checkpoint is corrupt, delete it to resume from an earlier one")
     build = getattr(CodebookModelConfig, "from_saved", CodebookModelConfig.from_dict)
-    saved, now = build(raw).to_dict(), model.codebook_config.to_dict()
+    now = (model.codebook_config if isinstance(model, CodebookModel) else model).to_dict()
+    saved = build(raw).to_dict()
     for key in sorted(set(saved) | set(now)):
         if key not in RUNTIME_SETTINGS and saved.get(key) != now.get(key):
             raise CodebookError(
-                f"{checkpoint}: the run to resume was started with codebooks.{key}="
+                f"{checkpoint}: {what} with codebooks.{key}="
                 f"{saved.get(key)!r}, the config now has {now.get(key)!r}; set codebooks.{key} "
                 "back to resume it, or pass a new training.output_dir to start over")
 
