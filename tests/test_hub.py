@@ -178,3 +178,32 @@ def test_push_without_token_or_network_says_so(saved, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == "error: HF_HUB_OFFLINE is set: pushing needs the network; unset it"
     assert json.loads((folder / "codebook_model.json").read_text())["format"]
+
+
+def test_a_pushed_folder_loads_back_by_its_hub_id(tmp_path, fake_hub, monkeypatch, capsys):
+    """Push (captured), lay the upload out as the hub cache would hold it, load it by hub id
+    offline: the same model. ``eval`` of a hub id needs --out (the cache is not written)."""
+    import shutil
+
+    import huggingface_hub.constants as C
+
+    model = make_model()
+    folder = tmp_path / "run"
+    model.base_model.save_pretrained(folder)
+    model.save_codebooks(folder, base_model_name=".")  # the base beside the codebooks
+    push_to_hub(folder, "me/round-trip")
+    snap = tmp_path / "hub" / "models--me--round-trip" / "snapshots" / ("c" * 40)
+    shutil.copytree(fake_hub[1][1]["folder_path"], snap, ignore=shutil.ignore_patterns(".*"))
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = CodebookModel.from_pretrained("me/round-trip")
+    ids = tokens(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    capsys.readouterr()
+    assert main(["eval", "me/round-trip", "any-config.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: codebook folder me/round-trip not found") and "--out" in err

@@ -100,11 +100,13 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("codebooks", help="folder written by save_codebooks (e.g. OUTPUT/final)")
+    p.add_argument("codebooks", help="folder written by save_codebooks (e.g. OUTPUT/final), or "
+                                     "a hub id (fetched into the hub cache; needs --out)")
     p.add_argument("config", help="the training config (its model and data sections are used)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.add_argument("--out", help="folder to write the results into (eval_metrics.json, "
-                                 "eval_table.md; default: CODEBOOKS)")
+                                 "eval_table.md, code_density.png; default: CODEBOOKS, whose "
+                                 "model card README.md then shows them)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="rows of data.seq_len tokens per forward pass (%(default)s)")
 
@@ -151,19 +153,22 @@ def model_and_tokenizer(codebooks: str, cfg: Any) -> tuple[Any, Any]:
 @command("eval", "evaluate saved codebooks on a dataset; print the paper's Table 2", _options)
 def _eval(args: argparse.Namespace) -> int:
     from .data.text import load_text, pack, take_rows
+    from .fetch import local_folder
     from .io import writable_dir, write_json, write_text
     from .modelcard import refresh_model_card
     from .report import write_code_density_plot
     from .train import STREAM_EVAL_ROWS, load_config
 
+    if not Path(args.codebooks).expanduser().is_dir() and args.out is None:
+        raise CodebookError(f"codebook folder {args.codebooks} not found (for a hub id, pass "
+                            "--out DIR: the results are not written into the hub cache)")
     cfg = load_config(args.config, args.overrides)
     d = cfg.data
-    if not Path(args.codebooks).is_dir():
-        raise CodebookError(f"codebook folder {args.codebooks} not found")
     if args.batch_size < 1:
         raise CodebookError(f"--batch-size {args.batch_size}: give at least 1")
     writable_dir(args.out or args.codebooks)  # unwritable: one line before any work
-    model, tokenizer = model_and_tokenizer(args.codebooks, cfg)
+    folder = local_folder(args.codebooks)  # the folder, or a hub id's snapshot
+    model, tokenizer = model_and_tokenizer(str(folder), cfg)
     text = load_text(d.dataset, d.files, d.config, d.eval_split or d.split, d.text_column,
                      d.streaming)
     rows = d.max_eval_rows or (STREAM_EVAL_ROWS if d.streaming else None)
