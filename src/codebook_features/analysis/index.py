@@ -109,9 +109,9 @@ def shard_damage(path: Path, shard: dict[str, Any], width: int, checksums: bool 
 
 def token_windows(ids: Sequence[int], max_length: int) -> list[tuple[int, list[int]]]:
     """A document's token ids cut into consecutive windows of at most ``max_length``:
-    ``[(first position, ids)]``; one (empty) window for an empty document."""
+    ``[(first position, ids)]``; none for an empty document (no forward runs on nothing)."""
     ids = list(ids)
-    return [(s, ids[s:s + max_length]) for s in range(0, max(len(ids), 1), max_length)]
+    return [(s, ids[s:s + max_length]) for s in range(0, len(ids), max_length)]
 
 
 def encode_long(tokenizer: Any, texts: list[str], **kw: Any) -> Any:
