@@ -188,8 +188,10 @@ def _train(out, callbacks=(), resume: str | None = None, **kw) -> tuple[Codebook
 
 
 def test_trainer_replaces_the_dead_codes_at_exactly_the_scheduled_steps(tmp_path):
-    trainer, rec = _train(tmp_path, max_steps=7, dead_code_interval=3)
-    total = check_replacements(rec.fired, rec.replaced, max_steps=7, interval=3)
+    """Steps 3 and 6, not 9: the last step is a multiple of the interval, and replacing then
+    would leave untrained codes in the final codebooks."""
+    trainer, rec = _train(tmp_path, max_steps=9, dead_code_interval=3)
+    total = check_replacements(rec.fired, rec.replaced, max_steps=9, interval=3)
     assert trainer._replaced == total
 
 

@@ -265,6 +265,18 @@ def test_code_state_precision_naive():
     assert math.isclose(got.mean_state_code_precision, ref, rel_tol=1e-9)
 
 
+def test_state_codes_at_the_thresholds():
+    """Precision exactly at the threshold and activations exactly at the minimum count."""
+    #         code 0: 3 of 4 in state 0 (0.75)   code 1: 2 of 4 (0.5)
+    #         code 2: 4 of 4, 4 activations       code 3: 3 of 3, one too few
+    codes = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    states = [0, 0, 0, 1, 1, 1, 0, 0, 2, 2, 2, 2, 3, 3, 3]
+    got = M.code_state_precision(torch.tensor(codes), torch.tensor(states), 4, 4,
+                                 precision_threshold=0.75, min_activations=4)
+    assert got.precision.tolist() == [0.75, 0.5, 1.0, 1.0]
+    assert got.state_codes.tolist() == [0, 2]
+
+
 def test_code_state_precision_perfect_and_errors():
     states = torch.arange(10).repeat(5)
     got = M.code_state_precision(states[:, None] + 2, states, 12, 10, min_activations=5)
