@@ -4,7 +4,9 @@ verdict, readable at a glance (every figure is also in ``report.json``)."""
 from __future__ import annotations
 
 import html
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from .io import write_text
@@ -125,6 +127,34 @@ def _standard_section(report: dict[str, Any], variants: list[str], analysed: str
     return parts
 
 
+CALIBRATION = Path(__file__).resolve().parents[2] / "benchmarks" / "tokfsm_calibration.json"
+"""The measured settings -> figures the demo's defaults were chosen from (a repository
+checkout has it; ``benchmarks/tokfsm_calibrate.py --demo`` appends to it)."""
+
+
+def _calibration_table(path: Path = CALIBRATION) -> str:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    out = []
+    for r in rows:
+        f = r.get("figures", {})
+        jsd = f.get("intervention.normalized_jsd") or {}
+        out.append([r.get("label") or " ".join(r.get("set", [])), f.get("base.state_acc"),
+                    f.get("attn_mlp_k1.state_acc"), f.get("state_codes.mean_precision"),
+                    f.get("neurons.mean_precision"), jsd.get("mlp_all"), jsd.get("attn_mlp_all"),
+                    f.get("intervention.success")])
+    if not out:
+        return ""
+    return ("<h2>How the defaults were chosen</h2><p>Every calibration run recorded in "
+            "<code>benchmarks/tokfsm_calibration.json</code> (settings &rarr; figures; "
+            "<code>benchmarks/tokfsm_calibrate.py --demo</code>):</p>"
+            + _table(["setting", "base acc", "attn+MLP k=1 acc", "state codes' precision",
+                      "best neurons' precision", "JSD mlp_all", "JSD attn_mlp_all",
+                      "success"], out))
+
+
 def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the TokFSM demo's HTML report (atomically)."""
     cfg = report["config"]
@@ -196,6 +226,7 @@ def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
         f"successors (unpatched: {_fmt(iv.get('success_before'))}).</p>",
         _jsd_plot(iv),
         _table(["condition", "JSD (nats)", "normalised JSD", "codebooks patched"], jsd_rows),
+        "" if cfg.get("smoke") else _calibration_table(),
         "<h2>Timings (s)</h2>",
         _table(["step", "seconds"], [[k, v] for k, v in report["timings"].items()]),
         "<p>Every figure is also in <code>report.json</code>.</p></body></html>",
