@@ -72,10 +72,12 @@ def _jsd_plot(iv: dict[str, Any]) -> str:
         return ""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3))
-    names = list(jsd)
+    rank = {"attn_layer0": 0, "attn_all": 2, "mlp_all": 3, "attn_mlp_all": 4}
+    names = sorted(jsd, key=lambda n: (rank.get(n, 1), int(n[9:]) if n[9:].isdigit() else 0))
     colors = ["#3b75af" if n.startswith("attn") and "mlp" not in n else
               "#c8702a" if n.startswith("mlp") else "#6a4c93" for n in names]
-    ax.bar(names, [jsd[n] for n in names], color=colors)
+    bars = ax.bar(names, [jsd[n] for n in names], color=colors)
+    ax.bar_label(bars, labels=[f"{jsd[n]:.2f}" for n in names], fontsize=8)
     ax.axhline(1.0, color="#555", lw=0.8, ls=":")
     ax.axhline(0.2, color="#b00020", lw=0.8, ls="--", label="target 0.2")
     ax.set_ylabel("normalised JSD to B\n(1 = no effect, 0 = B)")
