@@ -191,6 +191,9 @@ def test_a_pushed_folder_loads_back_by_its_hub_id(tmp_path, fake_hub, monkeypatc
     folder = tmp_path / "run"
     model.base_model.save_pretrained(folder)
     model.save_codebooks(folder, base_model_name=".")  # the base beside the codebooks
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model is None and "# Codebook features for a finetuned gpt_neox" in \
+        card.text and "is saved in this folder" in card.text
     push_to_hub(folder, "me/round-trip")
     snap = tmp_path / "hub" / "models--me--round-trip" / "snapshots" / ("c" * 40)
     shutil.copytree(fake_hub[1][1]["folder_path"], snap, ignore=shutil.ignore_patterns(".*"))

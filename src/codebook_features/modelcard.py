@@ -86,9 +86,11 @@ def card_text(meta: dict[str, Any], folder: str | os.PathLike | None = None,
         about = (f"they load onto the base model recorded at save time (`{base_name}`) or any "
                  "base model of the same shape (`base_model=`)")
     sites = meta.get("sites", {})
+    label = (base_name if base_name not in ("", ".") and not own_weights else
+             f"a {'finetuned ' if own_weights else ''}{base.get('model_type', '?')} model")
     lines = [
         MARK, "",
-        f"# Codebook features for {base_id or base_name or base.get('model_type', 'a model')}",
+        f"# Codebook features for {base_id or label}",
         "",
         f"Sparse, discrete codebook bottlenecks ([Codebook Features]({PAPER}), Tamkin, "
         f"Taufeeque & Goodman, ICML 2024) at {len(sites)} site(s) of a "
