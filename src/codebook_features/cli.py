@@ -72,7 +72,7 @@ def _load_commands() -> None:
     import importlib
 
     for mod in ("demo", "story_demo", "steering", "train", "evaluate", "convert", "hub",
-                "compare", "analysis.commands"):
+                "compare", "sae_export", "analysis.commands"):
         try:
             importlib.import_module(f".{mod}", __package__)
         except ModuleNotFoundError as e:
