@@ -3,6 +3,8 @@ naive computations on a tiny model: plain hooks on the base model, numpy formula
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -236,6 +238,9 @@ def test_evaluate_codebooks_table_logs_and_plot(tmp_path):
     table = format_table(m)
     assert "| all |" in table and "CE rec. (zero)" in table
     assert sum(line.startswith("| layers.") for line in table.splitlines()) == len(SITES)
+    # eval_metrics.json is written with sorted keys: the table still ends with all.
+    again = format_table(json.loads(json.dumps(m, sort_keys=True))).splitlines()
+    assert again[-1].startswith("| all |") and again[-5].startswith("| layers.0.attn_heads |")
     flat = flat_metrics(m)
     assert flat["eval_standard/all/kl_div"] == m["standard"]["all"]["kl_div"]
     write_code_density_plot(m["code_density"], tmp_path / "density.png")

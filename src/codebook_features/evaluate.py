@@ -87,8 +87,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     if "standard" in metrics:
         lines += ["", "| Site | " + " | ".join(h for _, h, _ in STANDARD_COLUMNS) + " |",
                   "|---" * (len(STANDARD_COLUMNS) + 1) + "|"]
-        for name, s in metrics["standard"].items():
-            cells = [fmt.format(s[k]) if s[k] == s[k] else "n/a"
+        std = metrics["standard"]
+        for name in [*(n for n in std if n != "all"), "all"]:  # all last, as JSON sorts
+            cells = [fmt.format(std[name][k]) if std[name][k] == std[name][k] else "n/a"
                      for k, _, fmt in STANDARD_COLUMNS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)

@@ -117,11 +117,12 @@ def card_text(meta: dict[str, Any], folder: str | os.PathLike | None = None,
     metrics = _metrics(folder) if folder is not None else None
     if metrics is not None:
         lines += ["", "## Evaluation", "",
-                  f"On {metrics.get('tokens', '?')} held-out tokens, as `codebook-features "
-                  "eval` printed it. Site rows: that codebook spliced in alone; `all`: every "
-                  "codebook in. CE rec.: share of the loss gap to ablating the site (zeros or "
-                  "its mean) that the codebook recovers; KL: KL(base || codebooks) per token; "
-                  "Expl. var.: of the codebook's normalised input; L0: codes per token; "
+                  f"On {metrics.get('tokens', '?')} tokens of evaluation data, as "
+                  "`codebook-features eval` printed it. Site rows: that codebook spliced in "
+                  "alone; `all`: every codebook in. CE rec.: share of the loss gap to "
+                  "ablating the site (zeros or its mean) that the codebook recovers; KL: "
+                  "KL(base || codebooks) per token; Expl. var.: of the codebook's normalised "
+                  "input; L0: codes per token; "
                   "Alive: codes that fired.", "", format_table(metrics)]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
