@@ -245,3 +245,14 @@ def test_evaluate_codebooks_table_logs_and_plot(tmp_path):
     assert flat["eval_standard/all/kl_div"] == m["standard"]["all"]["kl_div"]
     write_code_density_plot(m["code_density"], tmp_path / "density.png")
     assert (tmp_path / "density.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_row_alone_is_the_same_all_row():
+    """per_site=False (evaluations during training) measures only all, identically."""
+    model = make_model()
+    data = padded_data()
+    full = standard_evaluation(model, data, batch_size=4)
+    cheap = standard_evaluation(model, data, batch_size=4, per_site=False)
+    assert set(cheap["rows"]) == {"all"} and cheap["rows"]["all"] == full["rows"]["all"]
+    assert cheap["sites_together"] == full["sites_together"]
+    assert set(cheap["code_density"]) == set(SITES)

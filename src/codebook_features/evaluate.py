@@ -18,7 +18,8 @@ from .cli import command
 from .errors import CodebookError
 
 
-def evaluate_codebooks(model, eval_ds, batch_size: int = 16) -> dict[str, Any]:
+def evaluate_codebooks(model, eval_ds, batch_size: int = 16, per_site: bool = True
+                       ) -> dict[str, Any]:
     """LM metrics with and without codebooks, per-site codebook statistics and the standard
     sparse-autoencoder evaluation (:mod:`codebook_features.standard_eval`).
 
@@ -29,11 +30,12 @@ def evaluate_codebooks(model, eval_ds, batch_size: int = 16) -> dict[str, Any]:
     ``ce_loss_recovered_mean``, ``kl_div``, ``explained_variance``, ``fvu``, ``l0``,
     ``alive_fraction`` and more), ``code_density`` (per site, a histogram of log10 firing
     frequency) and ``tokens`` (scored). Leaves the model as it found it (mode, parameters,
-    statistics), so it can run in the middle of training.
+    statistics), so it can run in the middle of training; ``per_site=False`` (cheaper, for
+    evaluations during training) gives ``standard`` the ``all`` row only.
     """
     from .standard_eval import standard_evaluation
 
-    r = standard_evaluation(model, eval_ds, batch_size)
+    r = standard_evaluation(model, eval_ds, batch_size, per_site)
 
     def row(m) -> dict[str, float]:
         return {"loss": m["loss"], "accuracy": m["accuracy"],

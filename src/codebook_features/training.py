@@ -372,7 +372,10 @@ class CodebookTrainer(Trainer):
         """Loss, accuracy and perplexity with and without codebooks, and every site's MSE,
         FVU, dead fraction and usage entropy (:func:`~codebook_features.evaluate.
         evaluate_codebooks`), logged as ``eval_loss``, ``eval_without_codebooks_loss``,
-        ``eval_<site>/fvu``, ... The evaluation set is an in-memory dataset of packed rows."""
+        ``eval_<site>/fvu``, ..., and the standard evaluation's ``all`` row (CE loss recovered,
+        KL, explained variance, L0, alive: ``eval_standard/all/...``; per site alone in
+        ``codebook-features eval``). The evaluation set is an in-memory dataset of packed
+        rows."""
         from .evaluate import evaluate_codebooks, flat_metrics
 
         ds = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -385,7 +388,7 @@ class CodebookTrainer(Trainer):
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
         self._memory_tracker.start()
         start = time.time()
-        result = evaluate_codebooks(self.codebook_model, ds,
+        result = evaluate_codebooks(self.codebook_model, ds, per_site=False,
                                     batch_size=self.args.per_device_eval_batch_size)
         metrics = flat_metrics(result, metric_key_prefix)
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
