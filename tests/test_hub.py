@@ -159,6 +159,14 @@ def test_push_bad_input_gets_one_line(saved, tmp_path, fake_hub, capsys, monkeyp
     with pytest.raises(CodebookError, match="cannot reach the hub at .*Connection refused"):
         push_to_hub(folder, "me/x")
 
+    def bad_revision(self, **kw):
+        raise ValueError("Invalid rev id: no/such//branch")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", bad_revision)
+    with pytest.raises(CodebookError, match="cannot push to me/x: Invalid rev id"):
+        push_to_hub(folder, "me/x", revision="no/such//branch")
+
 
 def _push_cli(folder, tmp_path, **env) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}

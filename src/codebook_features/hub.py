@@ -25,10 +25,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions of the HTTP clients huggingface_hub may use (besides OSError)."""
+    """What a hub call raises: OSError (HTTP errors, offline mode), ValueError (arguments
+    the client refuses) and the errors of the HTTP clients huggingface_hub may use."""
     import importlib
 
-    errors: list[type[BaseException]] = [OSError]
+    errors: list[type[BaseException]] = [OSError, ValueError]
     for mod, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"),
                       ("requests", "RequestException")):
         try:
@@ -54,6 +55,8 @@ def _hub_error(e: BaseException, repo_id: str, endpoint: str) -> CodebookError:
                }.get(status, "check the repo id and the token")
         return CodebookError(f"the hub refused {repo_id} (HTTP {status}: {_first_line(e)}); "
                              f"{fix}")
+    if isinstance(e, ValueError):
+        return CodebookError(f"cannot push to {repo_id}: {_first_line(e)}")
     return CodebookError(f"cannot reach the hub at {endpoint} ({_first_line(e)}); check the "
                          "network or HF_ENDPOINT")
 
