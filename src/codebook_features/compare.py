@@ -631,6 +631,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--sae", help="a sparsify SAE folder (cfg.json, sae.safetensors) to compare "
                                  "instead of training one; its sizes must match")
+    p.add_argument("--device", help="where to run (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -676,6 +677,11 @@ def _compare(args: argparse.Namespace) -> int:
     out = writable_dir(args.out)
     model, tokenizer = model_and_tokenizer(args.codebooks, cfg)
     layer = model.site(args.site)  # unknown site: one line naming the sites
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise CodebookError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     sae = None
     if args.sae:
         if not (Path(args.sae) / "cfg.json").is_file():

@@ -49,43 +49,58 @@ def require_sparsify() -> Any:
 
 
 # ------------------------------------------------------------------ activations
+class _Recorder(nn.Module):
+    """Returns its input unchanged and keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[Tensor] = []
+
+    def forward(self, a: Tensor) -> Tensor:
+        self.rows.append(a.detach())
+        return a
+
+
+class _Identity(nn.Module):
+    def forward(self, a: Tensor) -> Tensor:
+        return a
+
+
 @torch.no_grad()
 def record_site(model: Any, site: str, batches: Iterable[dict[str, Tensor]],
                 max_tokens: int | None = None) -> Tensor:
     """The activations entering ``site`` (its raw input, before the codebook's LayerNorm) on
-    every non-padding token of ``batches``, with every codebook bypassed: float32 ``(N, dim)``
-    on the CPU; stops after ``max_tokens``."""
-    layer = model.site(site)
-    layers = list(model.sites.values())
+    every non-padding token of ``batches``, with every codebook bypassed (swapped out, so no
+    search runs): float32 ``(N, dim)`` on the CPU; stops after ``max_tokens``."""
+    from .standard_eval import _swapped
+
+    dim = model.site(site).config.dim
+    rec = _Recorder()
+    swap = {n: rec if n == site else _Identity() for n in model.site_names}
     was_training, was_enabled = model.training, model.enabled
     model.eval()
     model.enable_codebooks()
     rows: list[Tensor] = []
     n = 0
     device = next(model.parameters()).device
-    for ly in layers:
-        ly.bypass = True
-    layer.recorded = []
     try:
-        for batch in batches:
-            layer.recorded.clear()
-            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-            a = layer.recorded[-1].reshape(-1, layer.config.dim).float()
-            mask = batch.get("attention_mask")
-            if mask is not None and mask.numel() == a.shape[0]:
-                a = a[mask.reshape(-1).bool().to(a.device)]
-            rows.append(a.cpu())
-            n += a.shape[0]
-            if max_tokens is not None and n >= max_tokens:
-                break
+        with _swapped(model, swap):
+            for batch in batches:
+                rec.rows.clear()
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+                a = rec.rows[-1].reshape(-1, dim).float()
+                mask = batch.get("attention_mask")
+                if mask is not None and mask.numel() == a.shape[0]:
+                    a = a[mask.reshape(-1).bool().to(a.device)]
+                rows.append(a.cpu())
+                n += a.shape[0]
+                if max_tokens is not None and n >= max_tokens:
+                    break
     finally:
-        layer.recorded = None
-        for ly in layers:
-            ly.bypass = False
         model.train(was_training)
         if not was_enabled:
             model.disable_codebooks()
-    acts = torch.cat(rows) if rows else torch.zeros(0, layer.config.dim)
+    acts = torch.cat(rows) if rows else torch.zeros(0, dim)
     return acts[:max_tokens] if max_tokens is not None else acts
 
 
