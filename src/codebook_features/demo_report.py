@@ -66,14 +66,21 @@ def _precision_plot(sc: dict[str, Any], ne: dict[str, Any]) -> str:
     return _fig_to_img(fig)
 
 
+def _in_order(conditions) -> list[str]:
+    """Patching conditions in the paper's order: layer-0 attention, each MLP layer, all
+    attention, all MLP, all attention + MLP."""
+    rank = {"attn_layer0": 0, "attn_all": 2, "mlp_all": 3, "attn_mlp_all": 4}
+    return sorted(conditions, key=lambda n: (rank.get(n, 1),
+                                             int(n[9:]) if n[9:].isdigit() else 0))
+
+
 def _jsd_plot(iv: dict[str, Any]) -> str:
     jsd = {k: v for k, v in (iv.get("normalized_jsd") or {}).items() if v is not None}
     if not jsd:
         return ""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3))
-    rank = {"attn_layer0": 0, "attn_all": 2, "mlp_all": 3, "attn_mlp_all": 4}
-    names = sorted(jsd, key=lambda n: (rank.get(n, 1), int(n[9:]) if n[9:].isdigit() else 0))
+    names = _in_order(jsd)
     colors = ["#3b75af" if n.startswith("attn") and "mlp" not in n else
               "#c8702a" if n.startswith("mlp") else "#6a4c93" for n in names]
     bars = ax.bar(names, [jsd[n] for n in names], color=colors)
@@ -180,8 +187,9 @@ def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
                   r["neuron"], r["neuron_precision"]] for r in sc.get("per_state", [])]
     codebook_rows = [[name, v["states_with_code"], v["mean_precision"], v["mean_recall"],
                       v["neurons_mean_precision"]] for name, v in sc.get("codebooks", {}).items()]
-    jsd_rows = [[name, iv.get("jsd", {}).get(name), v, ", ".join(iv["conditions"][name])]
-                for name, v in (iv.get("normalized_jsd") or {}).items()]
+    norm = iv.get("normalized_jsd") or {}
+    jsd_rows = [[name, iv.get("jsd", {}).get(name), norm[name], ", ".join(iv["conditions"][name])]
+                for name in _in_order(norm)]
     start = "from scratch with its codebooks" if cfg.get("from_scratch") else "from the base model"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>TokFSM codebook report</title>",
