@@ -128,14 +128,29 @@ def test_progress_bars_switch_is_restored():
     import datasets
     from transformers.utils import logging as hf_logging
 
-    from codebook_features.train import progress_bars
+    from codebook_features.io import progress_bars, quiet_transformers
 
+    def state():
+        return (datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled(),
+                hf_logging.get_verbosity())
+
+    hf_logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+    before = state()
     with progress_bars(False):
         assert not datasets.is_progress_bar_enabled()
         assert not hf_logging.is_progress_bar_enabled()
-    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+    assert state() == before == (True, True, before[2])
     with progress_bars(True):
         assert datasets.is_progress_bar_enabled()
+    with quiet_transformers():
+        assert state() == (False, False, hf_logging.ERROR)
+    assert state() == before
+    hf_logging.disable_progress_bar()  # off before: stays off after
+    with progress_bars(False):
+        pass
+    assert not hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
 
 
 def test_torchrun_two_processes_write_one_final_folder(workload, tmp_path):

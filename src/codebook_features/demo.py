@@ -161,6 +161,13 @@ def _load_base(cfg: DemoConfig, want) -> torch.nn.Module:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the whole experiment; returns the report (also written to ``cfg.out``)."""
+    from .io import quiet_transformers
+
+    with quiet_transformers(bars=True):  # transformers' warnings are not the report
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from transformers import (
         GPTNeoXConfig,
         GPTNeoXForCausalLM,
@@ -168,14 +175,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         TrainingArguments,
         default_data_collator,
     )
-    from transformers.utils import logging as hf_logging
 
     from .data.tokfsm import TokFSM, TokFSMConfig, build_splits
     from .evaluate import evaluate_codebooks
     from .model import CodebookModel
     from .training import CodebookTrainer, CodebookTrainingArguments, kmeans_init_codebooks
 
-    hf_logging.set_verbosity_error()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = writable_dir(cfg.out)  # unwritable: one line before any work

@@ -13,7 +13,7 @@ import glob
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +173,47 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         raise CodebookError(f"{path}: cannot read safetensors ({e}); the file is corrupt or "
                             "truncated, save it again") from None
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled`` False, no progress bar at all for the duration: the Trainer's (its
+    ``disable_tqdm``), and those of ``datasets`` (loading, packing), ``transformers`` (loading
+    and writing weights) and ``huggingface_hub``; each is restored afterwards."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    switches = [(datasets.is_progress_bar_enabled(), datasets.disable_progress_bars,
+                 datasets.enable_progress_bars),
+                (hf_logging.is_progress_bar_enabled(), hf_logging.disable_progress_bar,
+                 hf_logging.enable_progress_bar),
+                (not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
+                 hub_utils.enable_progress_bars)]
+    for _, off, _ in switches:
+        off()
+    try:
+        yield
+    finally:
+        for was_on, _, on in switches:
+            if was_on:
+                on()
+
+
+@contextlib.contextmanager
+def quiet_transformers(bars: bool = False) -> Iterator[None]:
+    """Only transformers' errors logged and, unless ``bars``, no progress bars (as
+    :func:`progress_bars`) for the duration, for commands whose output is a report, a table
+    or JSON; both restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with progress_bars(bars):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)

@@ -834,8 +834,9 @@ def _single_code_grad(x: Tensor, grad_y: Tensor, idx: Tensor, codebook: Tensor, 
     """The codebook gradient when every token has one code (k = 1) of weight ``w``, with no
     ``(N, d)`` temporary: code c gets ``w * sum_(tokens of c) (grad_y + a (y - x))`` with
     ``a`` the MSE gradient's scale (see :func:`mse_scale`), and since every such ``y`` is
-    ``w * code``, the ``y`` sum is ``count_c * w * code``: two ``index_add_`` passes and one over the codebook (the torch
-    path; with the compiled kernel, :func:`kernels.scatter_slots` does it in one pass)."""
+    ``w * code``, the ``y`` sum is ``count_c * w * code``: two ``index_add_`` passes and one
+    over the codebook (the torch path; with the compiled kernel,
+    :func:`kernels.scatter_slots` does it in one pass)."""
     g_c, c, dg = codebook.shape
     grad = torch.zeros(g_c * c, dg, dtype=grad_y.dtype, device=grad_y.device)
     grad.index_add_(0, idx, grad_y.reshape(-1, dg), alpha=w)

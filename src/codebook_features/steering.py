@@ -403,28 +403,25 @@ def _positions_arg(text: str) -> str | list[int]:
 def _steer_command(args: Any) -> int:
     import json
 
-    from transformers.utils import logging as hf_logging
-
-    from .io import load_tokenizer
+    from .io import load_tokenizer, quiet_transformers
     from .model import CodebookModel
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     if not args.code:
         raise CodebookError("no --code given: the generation would run unsteered; pass "
                             "--code SITE:GROUP:CODE (repeat for several), e.g. from "
                             "`codebook-features search`")
     codes = [parse_steer_code(c) for c in args.code]
     positions = _positions_arg(args.positions)
-    model = CodebookModel.from_pretrained(args.codebooks, base_model=args.base)
-    tokenizer = load_tokenizer(
-        args.tokenizer or args.base or model.base_info()["name_or_path"])
     kw = dict(positions=positions, max_new_tokens=args.max_new_tokens,
               num_samples=args.samples, do_sample=not args.greedy,
               temperature=args.temperature, seed=args.seed)
-    out = {"prompt": args.prompt, "codes": [str(c) for c in codes], "mode": args.mode,
-           "unsteered": steer_generate(model, tokenizer, args.prompt, (), **kw),
-           "steered": steer_generate(model, tokenizer, args.prompt, codes, mode=args.mode,
-                                     **kw)}
+    with quiet_transformers():  # the output is JSON, not a loading or generation log
+        model = CodebookModel.from_pretrained(args.codebooks, base_model=args.base)
+        tokenizer = load_tokenizer(
+            args.tokenizer or args.base or model.base_info()["name_or_path"])
+        out = {"prompt": args.prompt, "codes": [str(c) for c in codes], "mode": args.mode,
+               "unsteered": steer_generate(model, tokenizer, args.prompt, (), **kw),
+               "steered": steer_generate(model, tokenizer, args.prompt, codes,
+                                         mode=args.mode, **kw)}
     print(json.dumps(out, indent=1))
     return 0

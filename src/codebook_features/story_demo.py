@@ -97,8 +97,14 @@ def _args(cls, out: Path, cfg: StoryDemoConfig, steps: int, lr: float, **kw: Any
 
 def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     """Run the whole story job; returns the report (also written to ``cfg.out``)."""
+    from .io import quiet_transformers
+
+    with quiet_transformers(bars=True):  # transformers' warnings are not the report
+        return _run_stories(cfg)
+
+
+def _run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     import transformers as T
-    from transformers.utils import logging as hf_logging
 
     from .analysis import build_index
     from .data.stories import (
@@ -121,7 +127,6 @@ def run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     )
     from .training import CodebookTrainer, CodebookTrainingArguments, kmeans_init_codebooks
 
-    hf_logging.set_verbosity_error()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = writable_dir(cfg.out)  # unwritable: one line before any work

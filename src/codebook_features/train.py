@@ -17,13 +17,11 @@ beyond the model's positions.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,34 +391,6 @@ def _go_offline() -> None:
           file=sys.stderr)
 
 
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """With ``enabled`` False, no progress bar at all for the duration: the Trainer's (its
-    ``disable_tqdm``), and those of ``datasets`` (loading, packing), ``transformers`` (loading
-    and writing weights) and ``huggingface_hub``; each is restored afterwards."""
-    if enabled:
-        yield
-        return
-    import datasets
-    import huggingface_hub.utils as hub_utils
-    from transformers.utils import logging as hf_logging
-
-    switches = [(datasets.is_progress_bar_enabled(), datasets.disable_progress_bars,
-                 datasets.enable_progress_bars),
-                (hf_logging.is_progress_bar_enabled(), hf_logging.disable_progress_bar,
-                 hf_logging.enable_progress_bar),
-                (not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
-                 hub_utils.enable_progress_bars)]
-    for _, off, _ in switches:
-        off()
-    try:
-        yield
-    finally:
-        for was_on, _, on in switches:
-            if was_on:
-                on()
-
-
 FINISHED_NAME = "finished.json"
 """Written into ``OUTPUT_DIR/final`` last, once the final folder is complete: the steps
 trained and the target the run was given."""
@@ -485,6 +455,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     # a read-only folder or a file in the way: one line before any work (nothing created)
     writable_dir(args.output_dir, create=False)
+    from .io import progress_bars
+
     with progress_bars(not args.disable_tqdm):
         return _run_training(cfg, args)
 

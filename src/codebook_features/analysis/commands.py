@@ -116,17 +116,12 @@ def _load_model(args: argparse.Namespace, index: Any, what: str | None
     else:
         try:
             from transformers import AutoTokenizer
-            from transformers.utils import logging as hf_logging
 
+            from ..io import progress_bars
             from ..model import CodebookModel
 
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # the output is a table, not a loading log
-            try:
+            with progress_bars(False):  # the output is a table, not a loading log
                 model = CodebookModel.from_pretrained(where).eval()
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
             check_model(index.meta, model, index.path)
             name = index.meta.get("tokenizer") or model.base_info()["name_or_path"]
             return model, AutoTokenizer.from_pretrained(name), None
