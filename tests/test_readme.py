@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs as written, and the documented CLI works."""
+"""Every ```python block of README.md and of the documentation (docs/*.md) runs as written,
+and the documented CLI works."""
 
 from __future__ import annotations
 
@@ -10,12 +11,23 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+# Each distinct block once (the README's tour repeats some of the guide's), with its page.
+WHERE = {b: p.relative_to(ROOT).as_posix() for p in reversed(PAGES) for b in python_blocks(p)}
+BLOCKS = list(WHERE)
 
 
 def test_readme_has_examples():
-    assert len(BLOCKS) >= 4
+    assert len(python_blocks(README)) >= 4
+    assert len(BLOCKS) > len(python_blocks(README))  # the guide's own examples run too
 
 
 def _bracketed(text: str) -> str | None:
@@ -77,7 +89,8 @@ def test_check_claim_can_fail():
             check_claim(comment, value)
 
 
-@pytest.mark.parametrize("i", range(len(BLOCKS)))
+@pytest.mark.parametrize("i", range(len(BLOCKS)), ids=[f"{WHERE[b]}-{i}" for i, b in
+                                                       enumerate(BLOCKS)])
 def test_readme_python_block(i, tmp_path, monkeypatch):
     """Each block runs, and every ``print(...)  # comment`` shows what the code prints.
     Blocks that load the paper's released models by hub id run in tests/test_authors.py, on a
@@ -88,7 +101,7 @@ def test_readme_python_block(i, tmp_path, monkeypatch):
 
 
 def run_block(block: str, tmp_path: Path, monkeypatch) -> None:
-    """Run a README block in ``tmp_path``; each commented print must show what it prints."""
+    """Run a page's block in ``tmp_path``; each commented print must show what it prints."""
     monkeypatch.chdir(tmp_path)
     claims = {n: line.split("#", 1)[1] for n, line in enumerate(block.splitlines(), 1)
               if line.lstrip().startswith("print(") and "#" in line}
@@ -98,7 +111,7 @@ def run_block(block: str, tmp_path: Path, monkeypatch) -> None:
         printed[sys._getframe(1).f_lineno] = args
         print(*args, **kwargs)
 
-    exec(compile(block, "README.md block", "exec"),
+    exec(compile(block, f"{WHERE.get(block, 'README.md')} block", "exec"),
          {"__name__": "__readme__", "print": recording_print})
     assert set(claims) <= set(printed), "a commented print did not run"
     for line, comment in claims.items():
@@ -125,12 +138,12 @@ def test_cli_help_lists_commands(tmp_path):
     assert out.returncode == 0 and "synthetic" in out.stdout and "demo" in out.stdout
 
 
-def test_readme_stories_block_is_rewritten_from_a_run(tmp_path):
-    """scripts/readme_stories.py: the README's stories figures come from a run's report.json
+def test_stories_block_is_rewritten_from_a_run(tmp_path):
+    """scripts/stories_results.py: the stories page's figures come from a run's report.json
     and table.md (here a small fake run), and --check tells a stale block."""
-    sys.path.insert(0, str(README.parent / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        import readme_stories as rs
+        import stories_results as rs
     finally:
         sys.path.pop(0)
     run = tmp_path / "run"
@@ -147,13 +160,14 @@ def test_readme_stories_block_is_rewritten_from_a_run(tmp_path):
                  "sites": {"layers.0.attn_heads": {"fvu": 0.293, "dead_fraction": 0.0}}},
         "steering": [{"baseline": 0.1, "steered": 0.5}, {"baseline": 0.125, "steered": 0.25}],
         "timings": {"total_s": 300.4, "base_train_s": 110.0, "finetune_s": 115.2}}))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{rs.BEGIN}\nold figures\n{rs.END}\nafter\n")
-    args = [str(run), "--readme", str(readme), "--machine", "a test machine"]
+    assert rs.PAGE.read_text().count(rs.BEGIN) == 1 == rs.PAGE.read_text().count(rs.END)
+    page = tmp_path / "stories.md"
+    page.write_text(f"intro\n{rs.BEGIN}\nold figures\n{rs.END}\nafter\n")
+    args = [str(run), "--page", str(page), "--machine", "a test machine"]
     assert rs.main([*args, "--check"]) == 1
     assert rs.main(args) == 0
     assert rs.main([*args, "--check"]) == 0
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("\nafter\n")
     assert eval_table in text and steering in text and "old figures" not in text
     prose = " ".join(text.split())  # the sentences are wrapped

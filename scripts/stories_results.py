@@ -1,13 +1,13 @@
-"""Rewrite the README's story-workload figures from a run of ``codebook-features stories``.
+"""Rewrite docs/stories.md's story-workload figures from a run of ``codebook-features stories``.
 
     codebook-features stories --out runs/stories
-    python scripts/readme_stories.py runs/stories            # rewrites README.md's block
-    python scripts/readme_stories.py runs/stories --check    # exit 1 if the README differs
+    python scripts/stories_results.py runs/stories            # rewrites docs/stories.md's block
+    python scripts/stories_results.py runs/stories --check    # exit 1 if the page differs
 
 The block between ``<!-- stories-results -->`` and ``<!-- /stories-results -->`` is
 generated from the run's ``report.json`` and ``table.md`` (the tables the command printed):
 the Table 2 rows, the steering table, and the sentences that quote them. Nothing else of the
-README changes.
+page changes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "stories.md"
 BEGIN, END = "<!-- stories-results -->", "<!-- /stories-results -->"
 
 
@@ -36,7 +36,7 @@ def cpu_name() -> str:
 
 
 def render(run: Path, machine: str) -> str:
-    """The README block for the run in folder ``run``."""
+    """The page's block for the run in folder ``run``."""
     report = json.loads((run / "report.json").read_text())
     tables = (run / "table.md").read_text().strip().split("\n\n")
     eval_table = next(t for t in tables if t.startswith("| Model |"))
@@ -59,7 +59,7 @@ def render(run: Path, machine: str) -> str:
         wrap(f"Measured with the defaults, `codebook-features stories --out {run.name}` on "
         f"{machine}: {t['total_s']:.0f} s in all (base model {t.get('base_train_s', 0):.0f} s, "
         f"codebook finetune {t.get('finetune_s', 0):.0f} s); `python "
-        f"scripts/readme_stories.py RUN_DIR` rewrites this block from such a run's "
+        f"scripts/stories_results.py RUN_DIR` rewrites this block from such a run's "
         "`report.json` and `table.md`."),
         "",
         eval_table,
@@ -80,7 +80,7 @@ def render(run: Path, machine: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="the --out folder of `codebook-features stories`")
-    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--page", type=Path, default=PAGE, help="the page holding the block")
     p.add_argument("--machine", default=f"{os.cpu_count()} cores ({cpu_name()})",
                    help="how to describe the machine the run was on")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 if different")
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.run / name} not found; run `codebook-features stories --out "
                   f"{args.run}` first", file=sys.stderr)
             return 2
-    text = args.readme.read_text()
+    text = args.page.read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1:
-        print(f"error: {args.readme} needs exactly one {BEGIN} ... {END} block",
+        print(f"error: {args.page} needs exactly one {BEGIN} ... {END} block",
               file=sys.stderr)
         return 2
     head, rest = text.split(BEGIN, 1)
@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     block = render(args.run, args.machine)
     if args.check:
         same = BEGIN + old + END == block
-        print("README's stories block is up to date" if same else
-              "README's stories block differs from the run")
+        print(f"the stories block of {args.page} is up to date" if same else
+              f"the stories block of {args.page} differs from the run")
         return 0 if same else 1
-    tmp = args.readme.with_name(f".{args.readme.name}.tmp")
+    tmp = args.page.with_name(f".{args.page.name}.tmp")
     tmp.write_text(head + block + tail)
-    os.replace(tmp, args.readme)
-    print(f"rewrote the stories block of {args.readme}")
+    os.replace(tmp, args.page)
+    print(f"rewrote the stories block of {args.page}")
     return 0
 
 

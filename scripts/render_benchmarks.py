@@ -1,0 +1,219 @@
+"""Markdown tables of the benchmark scripts' JSON output, for the documentation.
+
+Each benchmark script prints JSON lines; its output, stored as it printed it under
+``benchmarks/results/`` (``python benchmarks/snap.py --threads 1 > benchmarks/results/snap.jsonl``),
+is turned into a table here, so no figure of the performance pages is copied by hand. A page
+asks for a table with a marker line ``<!-- benchmark: NAME -->`` (NAME one of ``SOURCES``);
+this module is also the MkDocs hook (``mkdocs.yml``: ``hooks``) that replaces the markers at
+build time. A result not stored yet renders as one line saying which command stores it.
+
+    python scripts/render_benchmarks.py            # every table, as the docs show them
+    python scripts/render_benchmarks.py snap       # one
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"^<!-- benchmark: (\S+) -->$", flags=re.M)
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The JSON objects a benchmark printed, one a line (other lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if line.lstrip().startswith("{")]
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table; None shows as an em dash."""
+    def cell(v: object) -> str:
+        return "—" if v is None else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ratio(v: float | None) -> str | None:
+    return None if v is None else f"{v:.2f} ×"
+
+
+SHAPE = ("N", "d", "C", "k", "G")
+SNAP_PEERS = [  # (impl, column): forward + backward ms, forward only for matmul and FAISS
+    ("matmul", "matmul (fwd)"), ("codebook", "this layer (auto)"),
+    ("codebook_torch", "torch"), ("codebook_screen", "bf16_screen"),
+    ("codebook_faiss", "faiss"), ("codebook_bf16", "torch_bf16 (approx.)"),
+    ("naive", "naive"), ("faiss_flatip", "FAISS flat IP (fwd)"), ("vqtorch", "vqtorch"),
+]
+
+
+def snap_table(rows: list[dict]) -> str:
+    """``benchmarks/snap.py``: per shape, each peer's ms, the layer's ratios and peak memory."""
+    rows = [r for r in rows if "impl" in r and not r["impl"].startswith("approx_")]
+    shapes = list(dict.fromkeys(tuple(r[s] for s in SHAPE) for r in rows))
+    by = {(tuple(r[s] for s in SHAPE), r["impl"]): r for r in rows}
+    peers = [(impl, col) for impl, col in SNAP_PEERS if any(i == impl for _, i in by)]
+    header = [*SHAPE, *(col for _, col in peers), "naive ÷ layer", "layer ÷ FAISS fwd",
+              "peak MiB layer / naive"]
+    out = []
+    for shape in shapes:
+        cells: list[object] = list(shape)
+        for impl, _ in peers:
+            r = by.get((shape, impl))
+            ms = None if r is None else (r["fwdbwd_ms"] if r["fwdbwd_ms"] is not None
+                                         else r["fwd_ms"])
+            cells.append(None if ms is None else
+                         f"{ms:.1f}" + (f" ({r['backend']})" if impl == "codebook" else ""))
+        layer, naive = by.get((shape, "codebook"), {}), by.get((shape, "naive"), {})
+        peak = (f"{layer['peak_mib']:.1f} / {naive['peak_mib']:.1f}"
+                if layer.get("peak_mib") is not None and naive.get("peak_mib") is not None
+                else None)
+        out.append([*cells, _ratio(layer.get("naive_x")), _ratio(layer.get("fwdbwd_x_faiss")),
+                    peak])
+    return table(header, out)
+
+
+def approx_table(rows: list[dict]) -> str:
+    """``benchmarks/snap.py --approx``: recall@k and speed-up over the exact forward."""
+    rows = [r for r in rows if r.get("impl", "").startswith("approx_")]
+    shapes = list(dict.fromkeys(tuple(r[s] for s in SHAPE) for r in rows))
+    cols = [(impl, data) for impl in ("approx_ivf", "approx_hnsw")
+            for data in ("random", "clustered")]
+    by = {(tuple(r[s] for s in SHAPE), r["impl"], r["data"]): r for r in rows}
+    out = []
+    for shape in shapes:
+        cells: list[object] = list(shape)
+        for impl, data in cols:
+            r = by.get((shape, impl, data))
+            cells.append(None if r is None else
+                         f"recall {r['recall_at_k']:.2f}, {r['speedup']:.2f} ×")
+        out.append(cells)
+    return table([*SHAPE, *(f"{i.removeprefix('approx_').upper()} {d}" for i, d in cols)],
+                 out)
+
+
+def model_table(rows: list[dict]) -> str:
+    """``benchmarks/model.py``: a training step with codebooks against the plain step."""
+    rows = [r for r in rows if "overhead" in r]
+    return table(
+        ["shape", "batch × seq", "C", "k", "plain step ms", "with codebooks ms", "overhead",
+         "CPU-time overhead", "threads", "load avg"],
+        [[r["shape"], f"{r['batch']} × {r['seq']}", r["num_codes"], r["k"], r["base_step_ms"],
+          r["codebook_step_ms"], _ratio(r["overhead"]), _ratio(r["cpu_overhead"]),
+          r["threads"], r["load_avg"]] for r in rows])
+
+
+def authors_table(rows: list[dict]) -> str:
+    """``benchmarks/authors.py``: this library against the authors' package, same run."""
+    rows = [r for r in rows if "speedup" in r]
+    return table(
+        ["kind", "shape", "ours ms", "theirs ms", "speed-up", "our overhead",
+         "their overhead", "threads", "load avg"],
+        [[r["kind"], r["shape"], r["ours_ms"], r["theirs_ms"], _ratio(r["speedup"]),
+          _ratio(r.get("ours_overhead")), _ratio(r.get("theirs_overhead")), r["threads"],
+          r["load_avg"]] for r in rows])
+
+
+def index_table(rows: list[dict]) -> str:
+    """``benchmarks/index_scale.py``: the browser's queries on a large index, in ms."""
+    queries = [r for r in rows if r.get("event") == "query"]
+    return table(["query", "median", "max", "first call"],
+                 [[r["name"], r.get("median_ms"), r.get("max_ms"), r.get("cold_ms")]
+                  for r in queries])
+
+
+def calibration_table(runs: list[dict]) -> str:
+    """``benchmarks/tokfsm_calibration.json``: the TokFSM demo's settings and figures."""
+    def pct(v: float | None) -> str | None:
+        return None if v is None else f"{100 * v:.1f}%"
+
+    out = []
+    for r in runs:
+        f = r.get("figures", {})
+        jsd = f.get("intervention.normalized_jsd") or {}
+        single = [v for key, v in jsd.items() if "layer" in key]
+        out.append([r.get("label") or " ".join(r.get("set", [])), pct(f.get("base.state_acc")),
+                    pct(f.get("attn_mlp_k1.state_acc")),
+                    None if f.get("state_codes.mean_precision") is None else
+                    f"{pct(f['state_codes.mean_precision'])} "
+                    f"({pct(f.get('state_codes.mean_recall'))})",
+                    pct(f.get("neurons.mean_precision")), jsd.get("mlp_all"),
+                    jsd.get("attn_mlp_all"), min(single) if single else None,
+                    r.get("wall_s")])
+    return table(["run", "base state acc", "attn + MLP k=1 state acc",
+                  "state codes' precision (recall)", "best neurons' precision", "JSD mlp_all",
+                  "JSD attn_mlp_all", "best single layer", "wall s"], out)
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str            # relative to the repository root
+    command: str         # what writes it
+    render: Callable[[list[dict]], str]
+    json_lines: bool = True
+
+
+SOURCES = {
+    "snap": Source("benchmarks/results/snap.jsonl",
+                   "python benchmarks/snap.py --threads 1 > benchmarks/results/snap.jsonl",
+                   snap_table),
+    "approx": Source("benchmarks/results/snap_approx.jsonl",
+                     "python benchmarks/snap.py --approx --threads 1 > "
+                     "benchmarks/results/snap_approx.jsonl", approx_table),
+    "model": Source("benchmarks/results/model.jsonl",
+                    "python benchmarks/model.py --threads 1 > benchmarks/results/model.jsonl",
+                    model_table),
+    "authors": Source("benchmarks/results/authors.jsonl",
+                      "python benchmarks/authors.py > benchmarks/results/authors.jsonl",
+                      authors_table),
+    "index": Source("benchmarks/results/index_scale.jsonl",
+                    "python benchmarks/index_scale.py --out DIR --runs 5 > "
+                    "benchmarks/results/index_scale.jsonl", index_table),
+    "tokfsm_calibration": Source("benchmarks/tokfsm_calibration.json",
+                                 "python benchmarks/tokfsm_calibrate.py --demo --set ...",
+                                 calibration_table, json_lines=False),
+}
+
+
+def render(name: str, root: Path = ROOT) -> str:
+    """The Markdown for one source: its table with where it came from, or how to make it."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown benchmark table {name!r}; known: {', '.join(SOURCES)}")
+    src = SOURCES[name]
+    path = root / src.path
+    if not path.is_file():
+        return (f"*Not stored yet.* `{src.command}` stores it, and this page then shows it "
+                "as a table.")
+    rows = read_json_lines(path) if src.json_lines else json.loads(path.read_text())
+    note = f"From `{src.path}`, written by `{src.command}`"
+    context = next((r for r in rows if "cpus" in r), None)
+    if context:
+        note += (f" ({context['cpus']} CPUs, load average {context.get('load_avg_before')} "
+                 "at the start)")
+    return f"{note}:\n\n{src.render(rows)}"
+
+
+def on_page_markdown(markdown: str, **kwargs: object) -> str:
+    """MkDocs hook: each ``<!-- benchmark: NAME -->`` line becomes that table."""
+    return MARKER.sub(lambda m: render(m[1]), markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = (sys.argv[1:] if argv is None else argv) or list(SOURCES)
+    for name in names:
+        if name not in SOURCES:
+            print(f"error: unknown benchmark table {name!r}; known: {', '.join(SOURCES)}",
+                  file=sys.stderr)
+            return 2
+        print(f"## {name}\n\n{render(name)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

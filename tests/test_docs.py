@@ -1,0 +1,122 @@
+"""The documentation builds with ``mkdocs build --strict`` (a broken link, a stale reference
+or a docstring mkdocstrings cannot read fails it), its API reference covers every module, and
+the performance tables come from the benchmark scripts' JSON (scripts/render_benchmarks.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import render_benchmarks as rb  # noqa: E402
+
+sys.path.pop(0)
+
+QUIET = {"NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "true"}
+
+
+def build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f",
+                           str(config), "-d", str(site)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **QUIET})
+
+
+def test_docs_build_strict(tmp_path):
+    out = build(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WARNING" not in "\n".join(
+        line for line in out.stderr.splitlines() if " -  " in line), out.stderr[-3000:]
+    modules = {".".join(p.relative_to(ROOT / "src").with_suffix("").parts).removesuffix(
+               ".__init__") for p in (ROOT / "src" / "codebook_features").rglob("*.py")
+               if p.name == "__init__.py" or not p.name.startswith("_")}
+    for module in modules:  # one reference page per module, nothing listed by hand
+        assert (tmp_path / "site" / "reference" / module / "index.html").is_file(), module
+    page = tmp_path / "site" / "reference" / "codebook_features.codebook" / "index.html"
+    assert "CodebookLayer" in page.read_text()
+
+
+def test_docs_build_fails_on_a_broken_link(tmp_path):
+    """The strict build is not a formality: one link to a page that does not exist fails it."""
+    import shutil
+
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs)
+    (docs / "index.md").write_text((docs / "index.md").read_text()
+                                   + "\nSee [the missing page](missing.md).\n")
+    config = (ROOT / "mkdocs.yml").read_text()
+    config = config.replace("docs_dir: docs", f"docs_dir: {docs}")
+    config = config.replace("- scripts/", f"- {ROOT / 'scripts'}/")
+    config = config.replace("paths: [src]", f"paths: [{ROOT / 'src'}]")
+    (tmp_path / "mkdocs.yml").write_text(config)
+    out = build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert out.returncode != 0 and "missing.md" in out.stderr, out.stderr[-3000:]
+
+
+SNAP_ROWS = [
+    {"load_avg_before": 0.5, "cpus": 2, "threads": 1},
+    {"impl": "matmul", "N": 64, "d": 8, "C": 16, "k": 1, "G": 1, "fwd_ms": 0.5,
+     "fwdbwd_ms": None},
+    {"impl": "codebook", "N": 64, "d": 8, "C": 16, "k": 1, "G": 1, "fwd_ms": 1.0,
+     "fwdbwd_ms": 2.0, "backend": "torch", "naive_x": 3.0, "fwdbwd_x_faiss": 1.5,
+     "peak_mib": 1.25, "peak_mib_pinned": 1.0},
+    {"impl": "naive", "N": 64, "d": 8, "C": 16, "k": 1, "G": 1, "fwd_ms": 3.0,
+     "fwdbwd_ms": 6.0, "peak_mib": 10.0},
+    {"impl": "faiss_flatip", "N": 64, "d": 8, "C": 16, "k": 1, "G": 1, "fwd_ms": 1.333,
+     "fwdbwd_ms": None},
+]
+
+
+def test_snap_table_from_the_scripts_rows():
+    got = rb.snap_table(SNAP_ROWS).splitlines()
+    assert got[0] == ("| N | d | C | k | G | matmul (fwd) | this layer (auto) | naive | "
+                      "FAISS flat IP (fwd) | naive ÷ layer | layer ÷ FAISS fwd | "
+                      "peak MiB layer / naive |")
+    assert got[2] == ("| 64 | 8 | 16 | 1 | 1 | 0.5 | 2.0 (torch) | 6.0 | 1.3 | 3.00 × | "
+                      "1.50 × | 1.2 / 10.0 |")
+    assert len(got) == 3
+
+
+def test_model_and_authors_tables():
+    model = rb.model_table([{"shape": "tokfsm", "batch": 64, "seq": 128, "num_codes": 1000,
+                             "k": 1, "base_step_ms": 100.0, "codebook_step_ms": 114.0,
+                             "overhead": 1.14, "cpu_overhead": 1.1, "threads": 1,
+                             "load_avg": 0.9}])
+    assert model.splitlines()[2] == ("| tokfsm | 64 × 128 | 1000 | 1 | 100.0 | 114.0 | 1.14 × | "
+                                     "1.10 × | 1 | 0.9 |")
+    authors = rb.authors_table([{"kind": "layer", "shape": "512x64x256x2x1", "ours_ms": 2.0,
+                                 "theirs_ms": 5.0, "speedup": 2.5, "threads": 1,
+                                 "load_avg": 1.0}])
+    assert authors.splitlines()[2] == ("| layer | 512x64x256x2x1 | 2.0 | 5.0 | 2.50 × | — | — | "
+                                       "1 | 1.0 |")
+
+
+def test_render_reads_stored_results_and_says_what_is_missing(tmp_path):
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "snap.jsonl").write_text(
+        "loading...\n" + "\n".join(json.dumps(r) for r in SNAP_ROWS) + "\n")
+    text = rb.render("snap", root=tmp_path)
+    assert text.startswith("From `benchmarks/results/snap.jsonl`, written by `python "
+                           "benchmarks/snap.py --threads 1")
+    assert "(2 CPUs, load average 0.5 at the start)" in text
+    assert rb.snap_table(SNAP_ROWS) in text
+    missing = rb.render("model", root=tmp_path)
+    assert missing.startswith("*Not stored yet.* `python benchmarks/model.py")
+    page = "intro\n<!-- benchmark: snap -->\nafter\n"
+    assert rb.on_page_markdown(page) != page
+    with pytest.raises(ValueError, match="unknown benchmark table 'nope'"):
+        rb.on_page_markdown("<!-- benchmark: nope -->\n")
+
+
+def test_calibration_table_is_the_stored_runs():
+    runs = json.loads((ROOT / "benchmarks" / "tokfsm_calibration.json").read_text())
+    lines = rb.calibration_table(runs).splitlines()
+    assert len(lines) == 2 + len(runs)
+    last = runs[-1]["figures"]
+    assert f"{100 * last['state_codes.mean_precision']:.1f}%" in lines[-1]
+    assert str(last["intervention.normalized_jsd"]["mlp_all"]) in lines[-1]
