@@ -214,7 +214,8 @@ MUTANTS = [
 
 def copy_tree(dest: Path, worktree: bool, ref: str) -> None:
     if worktree:
-        for part in ("src", "tests", "configs", "benchmarks", "README.md", "pyproject.toml"):
+        for part in ("src", "tests", "configs", "benchmarks", "docs", "README.md", "mkdocs.yml",
+                     "pyproject.toml"):
             src = ROOT / part
             if src.is_dir():
                 shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns(
