@@ -224,3 +224,37 @@ def test_stories_killed_at_several_points_ends_as_uninterrupted(tmp_path, capsys
     blocker = tmp_path / "file"
     blocker.write_text("x")
     one_line_error(capsys, [*args, "--out", str(blocker / "st")], blocker)
+
+
+# ---------------------------------------------------------------- convert
+def test_convert_killed_at_several_points_ends_as_uninterrupted(tmp_path, capsys):
+    """Killed while staging (its codebooks written, not renamed; then everything but the
+    config written), then run again: the same folder as an uninterrupted conversion, and no
+    staging folder left (each run removes the killed one's)."""
+    from test_authors import FIXTURES, _base
+
+    base = tmp_path / "base"
+    _base("gpt2_heads_mlp_k4").save_pretrained(base)
+    args = ["convert", str(FIXTURES / "gpt2_heads_mlp_k4" / "checkpoint")]
+    run(capsys, *args, str(tmp_path / "full"), "--base", str(base))
+    for fault in ("write@codebooks.safetensors:1", "write@codebook_model.json:1"):
+        cli(*args, str(tmp_path / "cut"), "--base", str(base), fault=fault)
+        assert not (tmp_path / "cut").exists()  # nothing in place until the whole is done
+    assert len(list(tmp_path.glob(".cut.*.tmp"))) == 1  # the last killed run's staging
+    run(capsys, *args, str(tmp_path / "cut"), "--base", str(base))
+    assert not list(tmp_path.glob(".cut.*"))
+    names = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "cut").iterdir())
+    assert_same_files(tmp_path / "full", tmp_path / "cut",
+                      [n for n in names if n.endswith((".safetensors", ".json"))
+                       and n != "codebook_model.json"])
+    full = json.loads((tmp_path / "full" / "codebook_model.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "codebook_model.json").read_text())
+    assert full == cut
+
+    blocker = tmp_path / "file"  # an unwritable destination: one line, nothing done
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert main([*args, str(blocker / "out"), "--base", str(base)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {blocker}: "), err

@@ -23,7 +23,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, base: Any = None,
     ``src``: their ``save_pretrained`` folder or hub id; ``base``: the base architecture (a
     model, config or hub name; default for their released models: the one they used);
     ``tokenizer``: where to take the tokenizer from (default: the base name, when it is one).
-    Nothing is written unless the whole conversion succeeds; a finished ``out`` is refused.
+    Nothing is written unless the whole conversion succeeds (it is staged beside ``out``; a
+    killed conversion's staging folder is removed by the next); a finished ``out`` is refused.
     """
     from . import authors
     from .fetch import local_folder
@@ -43,6 +44,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, base: Any = None,
     tok = _tokenizer(tokenizer or (base if isinstance(base, str) else
                                    authors.RELEASED_BASES.get(str(src))))
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model.base_model.save_pretrained(staging)

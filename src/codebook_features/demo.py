@@ -255,7 +255,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
         cbm.eval()
         # The model weights were finetuned too: save them beside the codebooks.
         cbm.base_model.save_pretrained(out / name)
-        cbm.save_codebooks(out / name, base_model_name=str(out / name))
+        cbm.save_codebooks(out / name, base_model_name=".")  # the folder itself
         results[name] = _model_metrics(cbm.base_model, fsm, eval_ds, cfg)
         results[name]["codebook_mse"] = trainer.state.log_history[-2].get("codebook_mse")
         results[name]["dead_code_fraction"] = trainer.state.log_history[-2].get(

@@ -523,7 +523,7 @@ def _run_training(cfg: TrainConfig, args: Any) -> dict[str, Any]:
         else:  # finetuned with the codebooks: the base weights are saved beside them
             model.base_model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-            model.save_codebooks(out, base_model_name=str(out))
+            model.save_codebooks(out, base_model_name=".")  # moves with the folder
         write_json(out / "metrics.json", metrics)
         write_json(out / FINISHED_NAME, {  # last: marks the run finished
             "global_step": trainer.state.global_step, "max_steps": args.max_steps,
