@@ -21,7 +21,7 @@ from codebook_features.cli import main  # noqa: E402
 from codebook_features.compare import best_unit, load_data  # noqa: E402
 from codebook_features.data.stories import topic_regex  # noqa: E402
 from codebook_features.sae import SaeSite, record_site  # noqa: E402
-from codebook_features.train import load_config  # noqa: E402
+from codebook_features.training.config import load_config  # noqa: E402
 
 SITE = "layers.0.attn_heads"
 ARGS = ["--site", SITE, "--steps", "30", "--batch-tokens", "256", "--max-train-tokens", "4096",

@@ -62,7 +62,7 @@ def test_demo_quick_writes_full_report(tmp_path):
     assert "hidden_size differ" in proc3.stderr
     # the models it trained load back, finetuned weights included: same figures as in the run
     from codebook_features.data.tokfsm import TokFSM, build_splits
-    from codebook_features.fsm import lm_metrics
+    from codebook_features.lm import lm_metrics
     from codebook_features.model import CodebookModel
 
     fsm = TokFSM.load(out / "fsm.json")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from codebook_features import fsm as M
+from codebook_features import lm as L
 from codebook_features.data import BOS_TOKEN_ID, VOCAB_SIZE, TokFSM, TokFSMConfig
 from codebook_features.errors import CodebookError
 
@@ -94,29 +95,29 @@ def naive_lm_metrics(model, rows, labels):
 
 def test_lm_metrics_matches_naive(neox, fsm):
     ds = fsm.dataset(5, seed=0)
-    got = M.lm_metrics(neox, ds, batch_size=2)
+    got = L.lm_metrics(neox, ds, batch_size=2)
     loss, acc, n = naive_lm_metrics(neox, ds["input_ids"], ds["labels"])
     assert got.tokens == n == 5 * 24
     assert math.isclose(got.loss, loss, rel_tol=1e-5) and math.isclose(got.accuracy, acc)
     # -100 labels are skipped; a plain tensor input works too.
     labels = torch.tensor(ds["labels"])
     labels[:, :7] = -100
-    got = M.lm_metrics(neox, {"input_ids": ds["input_ids"], "labels": labels})
+    got = L.lm_metrics(neox, {"input_ids": ds["input_ids"], "labels": labels})
     loss, acc, n = naive_lm_metrics(neox, ds["input_ids"], labels.tolist())
     assert got.tokens == n == 5 * 18 and math.isclose(got.loss, loss, rel_tol=1e-5)
-    assert M.lm_metrics(neox, torch.tensor(ds["input_ids"])).tokens == 120
+    assert L.lm_metrics(neox, torch.tensor(ds["input_ids"])).tokens == 120
 
 
 def test_lm_metrics_uniform_model(fsm):
-    got = M.lm_metrics(UniformModel(), fsm.sample(3).input_ids)
+    got = L.lm_metrics(UniformModel(), fsm.sample(3).input_ids)
     assert math.isclose(got.loss, math.log(VOCAB_SIZE), rel_tol=1e-6)
 
 
 def test_lm_metrics_errors(neox):
     with pytest.raises(CodebookError):
-        M.lm_metrics(neox, torch.tensor([[1]]))
+        L.lm_metrics(neox, torch.tensor([[1]]))
     with pytest.raises(CodebookError):
-        M.lm_metrics(lambda x: torch.zeros(3), torch.tensor([[1, 2]]))
+        L.lm_metrics(lambda x: torch.zeros(3), torch.tensor([[1, 2]]))
 
 
 # ---------------------------------------------------------------- sampling / state accuracy

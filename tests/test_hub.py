@@ -15,7 +15,7 @@ from tiny_models import tiny_model, tokens
 
 from codebook_features.cli import main
 from codebook_features.errors import CodebookError
-from codebook_features.evaluate import evaluate_codebooks
+from codebook_features.evaluation import evaluate_codebooks
 from codebook_features.hub import push_to_hub
 from codebook_features.io import write_json
 from codebook_features.model import CodebookModel

@@ -15,7 +15,8 @@ from tiny_models import story_workload
 
 from codebook_features.cli import main
 from codebook_features.errors import CodebookError
-from codebook_features.train import load_config, run_training
+from codebook_features.training.config import load_config
+from codebook_features.training.job import run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stories-local.yaml"
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # permissions do not stop root

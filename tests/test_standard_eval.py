@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from tiny_models import tiny_model, tokens
 
 from codebook_features.errors import CodebookError
-from codebook_features.evaluate import evaluate_codebooks, flat_metrics, format_table
+from codebook_features.evaluation import evaluate_codebooks, flat_metrics, format_table
+from codebook_features.evaluation.standard import KEYS, standard_evaluation
 from codebook_features.model import CodebookModel
 from codebook_features.report import write_code_density_plot
-from codebook_features.standard_eval import KEYS, standard_evaluation
 
 SITES = ["layers.0.attn_heads", "layers.1.attn_heads", "layers.0.mlp_out", "layers.1.mlp_out"]
 

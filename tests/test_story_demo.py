@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from codebook_features.analysis import CodeIndex
 from codebook_features.errors import CodebookError
-from codebook_features.evaluate import evaluate_codebooks
+from codebook_features.evaluation import evaluate_codebooks
 from codebook_features.model import CodebookModel
 from codebook_features.story_demo import _rows_dataset, config_from_args
 

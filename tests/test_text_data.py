@@ -163,7 +163,8 @@ def test_dataset_saved_to_disk(corpus, tmp_path, streaming):
 def test_training_data_from_a_dataset_folder_by_config(corpus, tmp_path):
     """The train command's data section (``data.dataset``, ``data.config``, ``data.split``,
     ``data.eval_split``), in memory and streamed: the same rows as the equivalent files."""
-    from codebook_features.train import build_datasets, load_config
+    from codebook_features.training.config import load_config
+    from codebook_features.training.job import build_datasets
 
     d, docs, tok = corpus
     folder = _dataset_folder(tmp_path / "ds", docs)

@@ -16,7 +16,8 @@ from tiny_models import story_workload
 from codebook_features.cli import main
 from codebook_features.data.stories import generate_stories, write_corpus
 from codebook_features.errors import CodebookError
-from codebook_features.train import load_config, run_training
+from codebook_features.training.config import load_config
+from codebook_features.training.job import run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stories-local.yaml"
 
@@ -49,7 +50,8 @@ def test_train_end_to_end_and_resume(workload):
     from transformers import AutoTokenizer
 
     from codebook_features.model import CodebookModel
-    from codebook_features.train import build_datasets, training_arguments
+    from codebook_features.training.config import training_arguments
+    from codebook_features.training.job import build_datasets
 
     _, eval_ds = build_datasets(cfg, AutoTokenizer.from_pretrained(final),
                                 training_arguments(cfg).seed)
@@ -448,7 +450,7 @@ def _no_wandb_login(monkeypatch, home: Path) -> None:
 def test_wandb_goes_offline_without_credentials(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from codebook_features.train import wandb_offline_unless_logged_in as offline
+    from codebook_features.training.network import wandb_offline_unless_logged_in as offline
 
     _no_wandb_login(monkeypatch, tmp_path)
     assert offline(SimpleNamespace(report_to=["tensorboard"], output_dir=str(tmp_path))) is None
@@ -486,7 +488,7 @@ def test_wandb_run_without_network_logs_offline(workload, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIG.parent.glob("*.yaml")))
 def test_shipped_configs_load_and_their_arguments_check(name):
-    from codebook_features.train import training_arguments
+    from codebook_features.training.config import training_arguments
 
     extra = ["model=somewhere"] if name == CONFIG.name else []
     cfg = load_config(CONFIG.parent / name, [*extra, "training.use_cpu=true"])

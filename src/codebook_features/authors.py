@@ -90,7 +90,7 @@ def _per_site(cfg: dict[str, Any], key: str, n: int) -> list[Any]:
 
 def model_config(cfg: dict[str, Any], heads: int | None, num_layers: int):
     """Our :class:`CodebookModelConfig` for their config dict."""
-    from .model import CodebookModelConfig
+    from .model_config import CodebookModelConfig
 
     at = cfg["codebook_at"]
     at = [at] if isinstance(at, str) else list(at)
@@ -180,7 +180,7 @@ def _base_model(base: Any, source: str, base_kwargs: dict[str, Any]) -> nn.Modul
     if isinstance(base, dict):
         base = T.AutoConfig.for_model(**base)
     if not isinstance(base, T.PretrainedConfig):
-        from .model import load_base_config
+        from .model_config import load_base_config
         base = load_base_config(base)
     return T.AutoModelForCausalLM.from_config(base, **base_kwargs)
 
@@ -254,11 +254,12 @@ def _is_tied(model: nn.Module, key: str) -> bool:
                 dict(model.named_parameters(remove_duplicate=False)).get(key) is out.weight)
 
 
-def load(folder: Path, source: str, base_model: Any = None, **base_kwargs: Any):
-    """A :class:`CodebookModel` equal to their checkpoint in ``folder`` (``source``: the
-    name it was asked for, a hub id or a path), on its finetuned base weights, in eval mode."""
+def load(model_cls: type, folder: Path, source: str, base_model: Any = None,
+         **base_kwargs: Any):
+    """A ``model_cls`` (:class:`CodebookModel`) equal to their checkpoint in ``folder``
+    (``source``: the name it was asked for, a hub id or a path), on its finetuned base
+    weights, in eval mode."""
     from . import sites
-    from .model import CodebookModel
 
     try:
         cfg = json.loads((folder / "config.json").read_text())
@@ -274,7 +275,7 @@ def load(folder: Path, source: str, base_model: Any = None, **base_kwargs: Any):
     base_weights, books = _split(weights)
     _load_base_weights(base, base_weights, source)
     heads = sites.find_sites(base, ["attn_heads"], [0])[0].heads
-    model = CodebookModel(base, model_config(cfg, heads, n_layers))
+    model = model_cls(base, model_config(cfg, heads, n_layers))
     layers_path, where = FAMILIES[mtype]
     ours_to_theirs = {v: k for k, v in PLACEMENTS.items()}
     used: set[str] = set()

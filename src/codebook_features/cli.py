@@ -1,4 +1,7 @@
-"""The ``codebook-features`` command: one subcommand per job.
+"""The ``codebook-features`` command: one subcommand per job, the top of the import graph.
+
+Each job's module offers an options function and a run function (:data:`COMMANDS`); the CLI
+imports them, no job imports the CLI.
 
 Bad input ends with a one-line ``error: ...`` message and exit status 2, never a traceback;
 so does any filesystem or I/O error of any command (a read-only folder, a file where a folder
@@ -9,50 +12,70 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from .errors import CodebookError
 
 Command = Callable[[argparse.Namespace], int | None]
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {}
+
+class Job(NamedTuple):
+    """A command's module (under this package), its help, its options and run functions."""
+
+    module: str
+    help: str
+    options: str = "options"
+    run: str = "run"
 
 
-def command(name: str, help: str,
-            configure: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Register ``run(args)`` as a subcommand; ``configure(parser)`` adds its options."""
-
-    def register(run: Command) -> Command:
-        _COMMANDS[name] = (configure or (lambda p: None), run, help)
-        return run
-
-    return register
-
-
-def _synthetic_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/synthetic", help="output folder (default %(default)s)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-@command("synthetic", "train one codebook layer on synthetic clustered data; print its metrics",
-         _synthetic_options)
-def _synthetic(args: argparse.Namespace) -> int:
-    from .io import writable_dir
-    from .synthetic import train_on_clusters
-
-    if args.steps < 1:
-        raise CodebookError(f"--steps {args.steps}: give at least 1")
-    writable_dir(args.out)
-    metrics = train_on_clusters(steps=args.steps, seed=args.seed, out=args.out)
-    print(json.dumps(metrics, indent=2))
-    return 0
+# The CLI imports a job's module only when that command runs, so ``--help`` loads no torch.
+COMMANDS: dict[str, Job] = {
+    "browse": Job("browser.commands", "serve a web page to search and read codes, and steer "
+                  "with them", "browse_options", "run_browse"),
+    "compare": Job("compare", "a codebook site against a TopK sparse autoencoder of matched "
+                   "size (standard evaluation, training cost, regex search, steering)"),
+    "convert": Job("convert", "convert a checkpoint of the authors' package into this "
+                   "library's format"),
+    "demo": Job("demo", "the TokFSM experiment end to end: train, snap, read, intervene, "
+                "report", "_options", "_demo"),
+    "eval": Job("evaluation.job", "evaluate saved codebooks on a dataset; print the paper's "
+                "Table 2"),
+    "export-sae": Job("sae_export", "write codebook sites in SAELens' on-disk format "
+                      "(cfg.json, sae_weights.safetensors)"),
+    "index": Job("analysis.commands", "run a codebook model over a corpus and store every "
+                 "token's codes", "index_options", "run_index"),
+    "push": Job("hub", "upload saved codebooks and their model card to the Hugging Face Hub"),
+    "search": Job("analysis.commands", "query a code index: regex or token code search, a "
+                  "code's contexts, the codes at a token, similar codes, topic codes",
+                  "search_options", "run_search"),
+    "steer": Job("steering", "generate with codes forced on, next to the unsteered generation"),
+    "stories": Job("story_demo", "the story workload end to end: train a tiny LM, add "
+                   "codebooks, evaluate, index, find topic codes, steer"),
+    "synthetic": Job("synthetic", "train one codebook layer on synthetic clustered data; "
+                     "print its metrics"),
+    "train": Job("training.job", "finetune a causal LM with codebooks from a config file"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    _load_commands()
+def command(name: str, help: str, configure: Callable[..., None] | None = None):
+    """Deprecated no-op, kept while a job still decorates its run function with it: the
+    commands are listed in :data:`COMMANDS`."""
+    return lambda run: run
+
+
+def _job(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Command]:
+    import importlib
+
+    job = COMMANDS[name]
+    mod = importlib.import_module(f".{job.module}", __package__)
+    return getattr(mod, job.options), getattr(mod, job.run)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``only``, just that command's options are added
+    (the others keep their name and help), so that one command loads one job's module."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -60,24 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sparse, discrete codebook bottlenecks for language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (configure, run, help_) in sorted(_COMMANDS.items()):
-        p = sub.add_parser(name, help=help_, description=help_)
-        configure(p)
-        p.set_defaults(_run=run)
+    for name, job in sorted(COMMANDS.items()):
+        p = sub.add_parser(name, help=job.help, description=job.help)
+        if only is None or name == only:
+            options, run = _job(name)
+            options(p)
+            p.set_defaults(_run=run)
     return parser
-
-
-def _load_commands() -> None:
-    """Import the modules that register subcommands (kept lazy: torch loads only on use)."""
-    import importlib
-
-    for mod in ("demo", "story_demo", "steering", "train", "evaluate", "convert", "hub",
-                "compare", "sae_export", "analysis.commands"):
-        try:
-            importlib.import_module(f".{mod}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
 
 
 _FIXES = {
@@ -128,7 +140,9 @@ def wrapped_os_error(e: BaseException) -> OSError | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except CodebookError as e:

@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cli import command
 from .errors import CodebookError
 from .io import read_json, writable_dir, write_json, write_text
 
@@ -122,7 +121,7 @@ class _SiteView:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[_SiteView]:
-        from .model import _key
+        from .model_config import _key
 
         m = self.model
         key = _key(self.name)
@@ -354,6 +353,7 @@ def compare_site(model: Any, tokenizer: Any, train_rows: Any, eval_rows: Any,
     evaluation's data; ``texts``: held-out documents (search and steering). ``sae``: a
     sparsify ``SparseCoder`` to compare instead of training one. Returns the report (and
     writes it, the SAE and the fresh codebook into ``out`` if given)."""
+    from .evaluation import standard_evaluation
     from .sae import (
         SaeSite,
         SaeTraining,
@@ -364,7 +364,6 @@ def compare_site(model: Any, tokenizer: Any, train_rows: Any, eval_rows: Any,
         train_codebook_on,
         train_topk_sae,
     )
-    from .standard_eval import standard_evaluation
     from .steering import SteerCode, rank_topic_codes, topic_steering_eval
 
     sparsify = require_sparsify()
@@ -516,7 +515,7 @@ def _pct(x: float | None) -> str:
 
 def report_tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report's tables: (title, header, rows of cells)."""
-    from .evaluate import STANDARD_COLUMNS
+    from .evaluation import STANDARD_COLUMNS
 
     names = {"codebook": "codebook (the model's)", "codebook_fresh": "codebook (fresh, "
              "trained here)", "sae": "TopK SAE (sparsify)"}
@@ -607,7 +606,7 @@ def write_report(r: dict[str, Any], out: Path) -> None:
 
 
 # ------------------------------------------------------------------- command
-def _options(p: argparse.ArgumentParser) -> None:
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("codebooks", help="folder written by save_codebooks (e.g. runs/stories/model)")
     p.add_argument("config", help="a training config (its model and data sections are used)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -663,12 +662,10 @@ def load_data(d: Any, tokenizer: Any, max_docs: int) -> tuple[Any, Any, list[str
     return train_rows, eval_rows, texts
 
 
-@command("compare", "a codebook site against a TopK sparse autoencoder of matched size "
-         "(standard evaluation, training cost, regex search, steering)", _options)
-def _compare(args: argparse.Namespace) -> int:
-    from .evaluate import model_and_tokenizer
+def run(args: argparse.Namespace) -> int:
+    from .evaluation.job import model_and_tokenizer
     from .sae import require_sparsify
-    from .train import load_config
+    from .training.config import load_config
 
     sparsify = require_sparsify()  # missing extra: one line before any work
     cfg = load_config(args.config, args.overrides)

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli import command
 from .errors import CodebookError
 
 
@@ -75,7 +74,7 @@ def _tokenizer(name: Any) -> Any:
         return None
 
 
-def _options(p: argparse.ArgumentParser) -> None:
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="the authors' save_pretrained folder or hub id "
                                "(e.g. taufeeque/TinyStories-1Layer-21M-Codebook)")
     p.add_argument("out", help="output folder (new or empty)")
@@ -84,9 +83,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer to save beside the model (default: --base)")
 
 
-@command("convert", "convert a checkpoint of the authors' package into this library's format",
-         _options)
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     out = convert(args.src, args.out, base=args.base, tokenizer=args.tokenizer)
     print(f"wrote {out}: codebooks and the finetuned base model; open it with "
           f"CodebookModel.from_pretrained({str(out)!r})")

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli import command
 from .errors import CodebookError
 
 IGNORE = [".*", "**/.*", "checkpoint-*/**", "runs/**"]
@@ -134,7 +133,7 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool | 
     return str(getattr(info, "commit_url", None) or f"{api.endpoint}/{repo_id}")
 
 
-def _options(p: argparse.ArgumentParser) -> None:
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="a folder written by save_codebooks (e.g. OUTPUT/final)")
     p.add_argument("repo", help="hub repo id, OWNER/NAME (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -143,9 +142,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--message", help="commit message")
 
 
-@command("push", "upload saved codebooks and their model card to the Hugging Face Hub",
-         _options)
-def _push(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     url = push_to_hub(args.folder, args.repo, token=args.token,
                       private=True if args.private else None, revision=args.revision,
                       commit_message=args.message)

@@ -40,7 +40,7 @@ def hub_model_id(name: str | None) -> str | None:
 
 def _metrics(folder: Path) -> dict[str, Any] | None:
     """The newest evaluation figures in ``folder`` that are newer than its weights."""
-    from .model import WEIGHTS_NAME
+    from .model_config import WEIGHTS_NAME
 
     weights = folder / WEIGHTS_NAME
     since = weights.stat().st_mtime_ns if weights.is_file() else 0
@@ -64,7 +64,7 @@ def card_text(meta: dict[str, Any], folder: str | os.PathLike | None = None,
     """The card of a folder whose ``codebook_model.json`` holds ``meta``."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .evaluate import format_table
+    from .evaluation.metrics import format_table
 
     folder = Path(folder) if folder is not None else None
     cfg, base = meta["config"], meta["base_model"]
@@ -137,7 +137,7 @@ def write_model_card(folder: str | os.PathLike, meta: dict[str, Any] | None = No
                      repo_id: str | None = None) -> bool:
     """Write ``folder/README.md`` (atomically) unless the user wrote one; returns whether it
     was written. ``meta``: the folder's ``codebook_model.json`` (read when None)."""
-    from .model import CONFIG_NAME
+    from .model_config import CONFIG_NAME
 
     folder = Path(folder)
     if not is_own_card(folder):
@@ -150,7 +150,7 @@ def write_model_card(folder: str | os.PathLike, meta: dict[str, Any] | None = No
 
 def refresh_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> bool:
     """Rewrite the card of a saved codebook folder (nothing for other folders)."""
-    from .model import CONFIG_NAME
+    from .model_config import CONFIG_NAME
 
     if not (Path(folder) / CONFIG_NAME).is_file():
         return False

@@ -72,7 +72,7 @@ def record_site(model: Any, site: str, batches: Iterable[dict[str, Tensor]],
     """The activations entering ``site`` (its raw input, before the codebook's LayerNorm) on
     every non-padding token of ``batches``, with every codebook bypassed (swapped out, so no
     search runs): float32 ``(N, dim)`` on the CPU; stops after ``max_tokens``."""
-    from .standard_eval import _swapped
+    from .evaluation.standard import _swapped
 
     dim = model.site(site).config.dim
     rec = _Recorder()

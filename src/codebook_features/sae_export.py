@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cli import command
 from .errors import CodebookError
 from .io import read_json, write_json
 
@@ -174,7 +173,7 @@ class CodebookSAE(nn.Module):
 
 
 # -------------------------------------------------------------------- command
-def _options(p: argparse.ArgumentParser) -> None:
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("codebooks", help="folder written by save_codebooks")
     p.add_argument("out", help="folder to write one SAELens folder per site into")
     p.add_argument("--site", action="append",
@@ -182,9 +181,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", help="the base model, if not recorded with the codebooks")
 
 
-@command("export-sae", "write codebook sites in SAELens' on-disk format (cfg.json, "
-         "sae_weights.safetensors)", _options)
-def _export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from .io import writable_dir
     from .model import CodebookModel
 

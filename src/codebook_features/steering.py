@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from .cli import command
 from .errors import CodebookError
 
 MODES = ("append", "replace")
@@ -366,7 +365,7 @@ def format_steering_table(rows: Sequence[SteeringResult]) -> str:
 
 
 # ----------------------------------------------------------------------- command
-def _options(p: Any) -> None:
+def options(p: Any) -> None:
     p.add_argument("codebooks", help="folder written by save_codebooks (e.g. OUTPUT/final)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, from BOS)")
     p.add_argument("--code", action="append", default=[], metavar="SITE:GROUP:CODE",
@@ -399,8 +398,7 @@ def _positions_arg(text: str) -> str | list[int]:
                             "comma-separated list of token positions") from None
 
 
-@command("steer", "generate with codes forced on, next to the unsteered generation", _options)
-def _steer_command(args: Any) -> int:
+def run(args: Any) -> int:
     import json
 
     from .io import load_tokenizer, quiet_transformers

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from .cli import command
 from .errors import CodebookError
 from .io import writable_dir, write_json, write_text
 
@@ -114,8 +113,8 @@ def _run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
         train_story_tokenizer,
         write_corpus,
     )
-    from .evaluate import evaluate_codebooks, format_table
-    from .fsm import lm_metrics
+    from .evaluation import evaluate_codebooks, format_table
+    from .lm import lm_metrics
     from .model import CodebookModel
     from .modelcard import refresh_model_card
     from .report import write_code_density_plot
@@ -235,7 +234,7 @@ def _run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
     return report
 
 
-def _options(p: argparse.ArgumentParser) -> None:
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/stories", help="output folder (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -251,9 +250,7 @@ def config_from_args(args: argparse.Namespace) -> StoryDemoConfig:
     return apply_overrides(cfg, args.set)
 
 
-@command("stories", "the story workload end to end: train a tiny LM, add codebooks, "
-         "evaluate, index, find topic codes, steer", _options)
-def _stories(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     report = run_stories(config_from_args(args))
     print(json.dumps({"eval": {k: report["eval"][k] for k in ("with_codebooks",
                                                                "without_codebooks")},

@@ -6,6 +6,8 @@ code-to-cluster purity should approach 1 and the reconstruction error fall to th
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .codebook import CodebookLayer
+from .errors import CodebookError
 from .io import write_json
 
 
@@ -73,3 +76,20 @@ def train_on_clusters(steps: int = 300, dim: int = 64, clusters: int = 32, num_c
         write_json(Path(out) / "metrics.json", metrics)
         layer.save(Path(out) / "codebook")
     return metrics
+
+
+def options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/synthetic", help="output folder (default %(default)s)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .io import writable_dir
+
+    if args.steps < 1:
+        raise CodebookError(f"--steps {args.steps}: give at least 1")
+    writable_dir(args.out)
+    metrics = train_on_clusters(steps=args.steps, seed=args.seed, out=args.out)
+    print(json.dumps(metrics, indent=2))
+    return 0

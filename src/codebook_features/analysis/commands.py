@@ -8,10 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..cli import command
 
-
-def _index_options(p: argparse.ArgumentParser) -> None:
+def index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("codebooks", help="folder written by save_codebooks")
     p.add_argument("--out", required=True, help="index folder (created; an interrupted build "
                                                "resumes)")
@@ -36,9 +34,7 @@ def _index_options(p: argparse.ArgumentParser) -> None:
                    help="documents per forward pass (%(default)s)")
 
 
-@command("index", "run a codebook model over a corpus and store every token's codes",
-         _index_options)
-def _index(args: argparse.Namespace) -> int:
+def run_index(args: argparse.Namespace) -> int:
     from ..data.text import load_text
     from ..errors import CodebookError
     from ..io import load_tokenizer, read_json, writable_dir
@@ -64,7 +60,7 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_options(p: argparse.ArgumentParser) -> None:
+def search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="index folder written by `codebook-features index`")
     p.add_argument("--site", help="site name, e.g. layers.0.attn_heads (needed by every query "
                                   "but --at, which shows every site without it)")
@@ -162,9 +158,7 @@ def _match_table(matches: list[Any], neurons: bool) -> str:
                             + ([m.neuron_precision] if neurons else []) for m in matches])
 
 
-@command("search", "query a code index: regex or token code search, a code's contexts, the "
-         "codes at a token, similar codes, topic codes", _search_options)
-def _search(args: argparse.Namespace) -> int:
+def run_search(args: argparse.Namespace) -> int:
     from ..errors import CodebookError
     from .search import CodeIndex
 
@@ -273,7 +267,3 @@ def _code_search(args: argparse.Namespace, index: Any) -> tuple[Any, str]:
     text = (f"{what}: {positives} of {index.num_tokens} tokens; codes of {args.site} by "
             f"precision{note}\n" + _match_table(matches, neurons is not None))
     return [asdict(m) for m in matches], text
-
-
-# `codebook-features browse` (the code browser) registers itself on import.
-from ..browser import commands as _browse_command  # noqa: E402, F401

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import command
 
-
-def _browse_options(p: argparse.ArgumentParser) -> None:
+def browse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="index folder written by `codebook-features index`")
     p.add_argument("--model", metavar="CODEBOOKS_DIR",
                    help="saved codebooks of the index's model, for steering, similar codes and "
@@ -20,9 +18,7 @@ def _browse_options(p: argparse.ArgumentParser) -> None:
                    help="tokens the best-neuron baseline runs the model over (%(default)s)")
 
 
-@command("browse", "serve a web page to search and read codes, and steer with them",
-         _browse_options)
-def _browse(args: argparse.Namespace) -> int:
+def run_browse(args: argparse.Namespace) -> int:
     import os
     import socket
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .model import CodebookModel
+from ..model import CodebookModel
 
 
 @dataclass
@@ -200,9 +200,9 @@ def check_checkpoint_config(checkpoint: str | os.PathLike, model: Any,
     """Raise a CodebookError naming the first codebook setting (``num_codes``, ``placements``,
     ...) in which ``model`` (a CodebookModel, or its CodebookModelConfig) differs from the
     checkpoint (or saved codebooks folder) it is to resume from."""
-    from .errors import CodebookError
-    from .io import read_json
-    from .model import CONFIG_NAME, CodebookModelConfig
+    from ..errors import CodebookError
+    from ..io import read_json
+    from ..model_config import CONFIG_NAME, CodebookModelConfig
 
     meta = read_json(Path(checkpoint) / CONFIG_NAME)
     raw = meta.get("config") if isinstance(meta, dict) else None
@@ -324,7 +324,7 @@ class CodebookTrainer(Trainer):
 
     @torch.no_grad()
     def _fold_micro_batch_stats(self, layers: list[Any]) -> None:
-        from .codebook import RECENT_ROWS
+        from ..codebook import RECENT_ROWS
 
         for layer, start, parts in zip(layers, self._step_start, self._recent_parts,
                                        strict=True):
@@ -376,7 +376,7 @@ class CodebookTrainer(Trainer):
         KL, explained variance, L0, alive: ``eval_standard/all/...``; per site alone in
         ``codebook-features eval``). The evaluation set is an in-memory dataset of packed
         rows."""
-        from .evaluate import evaluate_codebooks, flat_metrics
+        from ..evaluation import evaluate_codebooks, flat_metrics
 
         ds = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(ds, dict):
@@ -444,7 +444,7 @@ class CodebookTrainer(Trainer):
     def _finish_checkpoint(written: str, target: str, staging: str) -> None:
         import shutil
 
-        from .io import fault_point
+        from ..io import fault_point
 
         _fsync_tree(written)
         fault_point("checkpoint-staged")  # complete, not yet in place
