@@ -70,7 +70,7 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import transformers as T
 
     from codebook_features.analysis import build_index
-    from codebook_features.data.stories import (
+    from codebook_features.experiments.stories import (
         generate_stories,
         tiny_story_model_config,
         train_story_tokenizer,

@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 import transformers as T
 
-from codebook_features.data.stories import (
+from codebook_features.experiments.stories import (
     TOPIC_NAMES,
     StoryConfig,
     generate_stories,

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from codebook_features.data import BOS_TOKEN_ID, VOCAB_SIZE, TokFSM, TokFSMConfig
-from codebook_features.fsm import state_accuracy
+from codebook_features.experiments.tokfsm import BOS_TOKEN_ID, VOCAB_SIZE, TokFSM, TokFSMConfig
+from codebook_features.experiments.tokfsm.metrics import state_accuracy
 
 
 def build_model(layers: int, hidden: int, heads: int, mlp: int, seq_len: int, seed: int):

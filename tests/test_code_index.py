@@ -22,12 +22,12 @@ from codebook_features.analysis.index import (
     shard_file,
     site_fingerprints,
 )
-from codebook_features.data.stories import (
+from codebook_features.errors import CodebookError
+from codebook_features.experiments.stories import (
     generate_stories,
     tiny_story_model_config,
     train_story_tokenizer,
 )
-from codebook_features.errors import CodebookError
 from codebook_features.io import read_json, write_json
 from codebook_features.model import CodebookModel
 

@@ -19,7 +19,7 @@ from tiny_models import story_codebooks  # noqa: E402
 
 from codebook_features.cli import main  # noqa: E402
 from codebook_features.compare import best_unit, load_data  # noqa: E402
-from codebook_features.data.stories import topic_regex  # noqa: E402
+from codebook_features.experiments.stories import topic_regex  # noqa: E402
 from codebook_features.sae import SaeSite, record_site  # noqa: E402
 from codebook_features.training.config import load_config  # noqa: E402
 

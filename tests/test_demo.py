@@ -61,7 +61,7 @@ def test_demo_quick_writes_full_report(tmp_path):
     assert proc3.returncode == 2 and len(proc3.stderr.strip().splitlines()) == 1
     assert "hidden_size differ" in proc3.stderr
     # the models it trained load back, finetuned weights included: same figures as in the run
-    from codebook_features.data.tokfsm import TokFSM, build_splits
+    from codebook_features.experiments.tokfsm.data import TokFSM, build_splits
     from codebook_features.lm import lm_metrics
     from codebook_features.model import CodebookModel
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from codebook_features import fsm as M
 from codebook_features import lm as L
-from codebook_features.data import BOS_TOKEN_ID, VOCAB_SIZE, TokFSM, TokFSMConfig
 from codebook_features.errors import CodebookError
+from codebook_features.experiments.tokfsm import BOS_TOKEN_ID, VOCAB_SIZE, TokFSM, TokFSMConfig
+from codebook_features.experiments.tokfsm import metrics as M
 
 
 @pytest.fixture(scope="module")

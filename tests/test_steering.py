@@ -7,12 +7,12 @@ import pytest
 import torch
 import transformers as T
 
-from codebook_features.data.stories import (
+from codebook_features.errors import CodebookError
+from codebook_features.experiments.stories import (
     generate_stories,
     tiny_story_model_config,
     train_story_tokenizer,
 )
-from codebook_features.errors import CodebookError
 from codebook_features.model import CodebookModel
 from codebook_features.steering import (
     SteerCode,

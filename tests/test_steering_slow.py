@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from codebook_features.story_demo import StoryDemoConfig
+from codebook_features.experiments.stories.job import StoryDemoConfig
 
 MIN_RATIO = 3.0
 """Steered mention rate at least this many times the baseline (measured: 4 to 15 times)."""

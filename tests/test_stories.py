@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers as T
 
-from codebook_features.data.stories import (
+from codebook_features.errors import CodebookError
+from codebook_features.experiments.stories import (
     TOPIC_NAMES,
     StoryConfig,
     build_story_dataset,
@@ -25,7 +26,6 @@ from codebook_features.data.stories import (
     train_story_tokenizer,
     write_corpus,
 )
-from codebook_features.errors import CodebookError
 
 REQUIRED_TOPICS = {"dragon", "flower", "fire", "baby", "princess"}
 # The one designed overlap: dragons sometimes breathe fire.

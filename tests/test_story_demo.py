@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 from codebook_features.analysis import CodeIndex
 from codebook_features.errors import CodebookError
 from codebook_features.evaluation import evaluate_codebooks
+from codebook_features.experiments.stories.job import _rows_dataset, config_from_args
 from codebook_features.model import CodebookModel
-from codebook_features.story_demo import _rows_dataset, config_from_args
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -78,7 +78,7 @@ def test_saved_model_reloads_with_the_same_metrics(quick_run, tmp_path):
     shutil.copytree(out / "model", copy)
     model = CodebookModel.from_pretrained(copy)
     tok = AutoTokenizer.from_pretrained(out / "model")
-    from codebook_features.data.stories import StoryConfig, generate_stories
+    from codebook_features.experiments.stories import StoryConfig, generate_stories
 
     eval_stories = generate_stories(StoryConfig(num_stories=cfg.eval_stories,
                                                 seed=cfg.seed + 1))

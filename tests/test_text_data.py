@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from codebook_features.data import text as text_mod
-from codebook_features.data.stories import generate_stories, train_story_tokenizer
 from codebook_features.data.text import load_text, pack, take_rows
 from codebook_features.errors import CodebookError
+from codebook_features.experiments.stories import generate_stories, train_story_tokenizer
 
 SEQ = 16
 

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from codebook_features.data import (
+from codebook_features.errors import CodebookError
+from codebook_features.experiments.tokfsm import (
     BOS_TOKEN,
     BOS_TOKEN_ID,
     VOCAB_SIZE,
@@ -17,7 +18,6 @@ from codebook_features.data import (
     build_splits,
     build_tokenizer,
 )
-from codebook_features.errors import CodebookError
 
 
 @pytest.fixture(scope="module")

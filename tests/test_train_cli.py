@@ -14,8 +14,8 @@ import torch
 from tiny_models import story_workload
 
 from codebook_features.cli import main
-from codebook_features.data.stories import generate_stories, write_corpus
 from codebook_features.errors import CodebookError
+from codebook_features.experiments.stories import generate_stories, write_corpus
 from codebook_features.training.config import load_config
 from codebook_features.training.job import run_training
 

@@ -75,7 +75,7 @@ def tokens(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
 def story_workload(folder, num_stories: int, seed: int, positions: int):
     """A generated story corpus, its BPE tokenizer and a tiny random GPT-NeoX saved (with the
     tokenizer) to ``folder / "model"``; returns (corpus path, tokenizer, model)."""
-    from codebook_features.data.stories import (
+    from codebook_features.experiments.stories import (
         generate_stories,
         tiny_story_model_config,
         train_story_tokenizer,

@@ -51,10 +51,10 @@ COMMANDS: dict[str, Job] = {
                   "code's contexts, the codes at a token, similar codes, topic codes",
                   "search_options", "run_search"),
     "steer": Job("steering", "generate with codes forced on, next to the unsteered generation"),
-    "stories": Job("story_demo", "the story workload end to end: train a tiny LM, add "
-                   "codebooks, evaluate, index, find topic codes, steer"),
-    "synthetic": Job("synthetic", "train one codebook layer on synthetic clustered data; "
-                     "print its metrics"),
+    "stories": Job("experiments.stories.job", "the story workload end to end: train a tiny "
+                   "LM, add codebooks, evaluate, index, find topic codes, steer"),
+    "synthetic": Job("experiments.synthetic", "train one codebook layer on synthetic "
+                     "clustered data; print its metrics"),
     "train": Job("training.job", "finetune a causal LM with codebooks from a config file"),
 }
 

@@ -251,7 +251,7 @@ def topic_patterns(topics: Sequence[str], patterns: dict[str, str] | None = None
                    ) -> dict[str, re.Pattern[str]]:
     """Each topic's regex: ``patterns[topic]``, the story topic's words, or the topic as a
     whole word (case-insensitive)."""
-    from .data.stories import TOPICS, topic_regex
+    from .experiments.stories.topics import TOPICS, topic_regex
 
     out = {}
     for t in topics:

@@ -308,7 +308,7 @@ def _topic_matcher(topic: str, patterns: Mapping[str, str] | None) -> Callable[[
             raise CodebookError(f"topic {topic!r}: regex {patterns[topic]!r} does not compile "
                                 f"({e})") from None
         return lambda text: rx.search(text) is not None
-    from .data.stories import TOPICS, mentions_topic
+    from .experiments.stories.topics import TOPICS, mentions_topic
     if topic in TOPICS:
         return lambda text: mentions_topic(text, topic)
     rx = re.compile(r"\b" + re.escape(topic) + r"\w*", re.IGNORECASE)
