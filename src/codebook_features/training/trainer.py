@@ -370,7 +370,7 @@ class CodebookTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Loss, accuracy and perplexity with and without codebooks, and every site's MSE,
-        FVU, dead fraction and usage entropy (:func:`~codebook_features.evaluate.
+        FVU, dead fraction and usage entropy (:func:`~codebook_features.evaluation.
         evaluate_codebooks`), logged as ``eval_loss``, ``eval_without_codebooks_loss``,
         ``eval_<site>/fvu``, ..., and the standard evaluation's ``all`` row (CE loss recovered,
         KL, explained variance, L0, alive: ``eval_standard/all/...``; per site alone in
