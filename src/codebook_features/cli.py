@@ -34,8 +34,8 @@ class Job(NamedTuple):
 COMMANDS: dict[str, Job] = {
     "browse": Job("browser.commands", "serve a web page to search and read codes, and steer "
                   "with them", "browse_options", "run_browse"),
-    "compare": Job("compare", "a codebook site against a TopK sparse autoencoder of matched "
-                   "size (standard evaluation, training cost, regex search, steering)"),
+    "compare": Job("compare.command", "a codebook site against a TopK sparse autoencoder of "
+                   "matched size (standard evaluation, training cost, regex search, steering)"),
     "convert": Job("convert", "convert a checkpoint of the authors' package into this "
                    "library's format"),
     "demo": Job("demo", "the TokFSM experiment end to end: train, snap, read, intervene, "
