@@ -1,300 +1,31 @@
-"""Build a code index: the codes a :class:`CodebookModel` chooses on every token of a corpus.
-
-Layout of an index folder (one shard per ``shard_tokens`` tokens, whole documents only)::
-
-    meta.json                        model base_info, sites, codebook fingerprint (sha256 of
-                                     the codebook weights), tokenizer, settings, shards done
-    shard-00000.tokens.parquet       doc, pos, token_id, token, start, end, pred_id (one row
-                                     per token; pred_id: the model's top-1 prediction of the
-                                     next token there, the argmax of its logits with the
-                                     codebooks on; absent in indexes built before it was
-                                     recorded, ``meta["predictions"]`` says which)
-    shard-00000.codes.parquet        doc, pos, site, grp, slot, code, score (one row per code)
-    shard-00000.docs.parquet         doc, text
-    shard-00000.grid.npy             int32 (tokens, slots): every token's codes, row = token
-                                     in (doc, pos) order, columns = (site, grp, slot)
-    shard-00000.counts.npy           int64 (sum over sites of groups * num_codes): how many
-                                     tokens each (site, grp, code) fires on
-
-The grid and the counts are what the browser's interactive queries read: the codes at a token
-are one row of a memory-mapped array, and a regex's hits are a ``bincount`` over the rows of
-the matching tokens; nothing is loaded into memory whole.
-
-The code table is "exploded" (one row per token, site, group and slot): every query is a
-plain filter or GROUP BY on flat integer columns (no list unnesting), and each shard is sorted
-by ``(site, grp, code, doc, pos)`` so Parquet row-group statistics let DuckDB skip everything
-but the rows of the code asked for. ``site`` is the site's index in ``meta["sites"]``.
-
-Documents longer than the model's context are indexed whole, in consecutive windows of
-``max_length`` tokens, each run as its own sequence (positions count on through the
-document).
-
-Shard files are written under a temporary name and renamed; ``meta.json`` is rewritten
-atomically after each shard and lists the shards completed with each file's size and SHA-256,
-so only listed shards are read, and a rerun skips them (a shard without a meta entry is
-written again). Opening an index checks every shard file's size and structure, and its
-checksum when the index is small enough (:data:`VERIFY_BYTES`); a rerun of
-:func:`build_index` checks every checksum and rebuilds the damaged shards.
-"""
+""":func:`build_index`: run a codebook model over a corpus and write the index's shards."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import warnings
-import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import CodebookError
-from ..io import fault_point, read_json, write_json
-
-META_NAME = "meta.json"
-FORMAT = "codebook-features/code-index"
-FORMAT_VERSION = 2
-KINDS = ("tokens", "codes", "docs")
-ARRAYS = ("grid", "counts")
-VERIFY_BYTES = 256 << 20
-"""Opening an index checks every shard file's checksum when they total at most this many
-bytes (else sizes and structure only; ``verify_shards(..., checksums=True)`` checks all)."""
-
-
-def file_check(path: Path) -> dict[str, Any]:
-    """Size and SHA-256 of a file, as recorded for each shard file in ``meta.json``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def shard_damage(path: Path, shard: dict[str, Any], width: int, checksums: bool = True
-                 ) -> str | None:
-    """Why shard ``shard`` of the index at ``path`` is damaged (a file missing, of another
-    size or checksum than recorded, or unreadable), or None when it is whole. ``width``: the
-    grid's columns. Shards recorded without checks (older indexes) are checked for
-    structure only."""
-    import pyarrow.parquet as pq
-
-    checks = shard.get("checks") or {}
-    for kind, name in shard["files"].items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        want = checks.get(kind)
-        if want is not None and f.stat().st_size != want["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
-        try:
-            if name.endswith(".npy"):
-                a = np.load(f, mmap_mode="r")
-                shape = ((shard["tokens"], width) if kind == "grid" else a.shape)
-                if a.shape != shape or a.dtype not in (np.int32, np.int64):
-                    return f"{name} holds an array of shape {a.shape}, expected {shape}"
-                del a
-            else:
-                rows = pq.read_metadata(f).num_rows
-                if kind == "tokens" and rows != shard["tokens"]:
-                    return f"{name} holds {rows} rows, expected {shard['tokens']}"
-        except (OSError, ValueError) as e:
-            return f"{name} is unreadable ({' '.join(str(e).split())[:120]})"
-        if checksums and want is not None and file_check(f)["sha256"] != want["sha256"]:
-            return f"{name} does not match its recorded checksum"
-    return None
-
-
-def token_windows(ids: Sequence[int], max_length: int) -> list[tuple[int, list[int]]]:
-    """A document's token ids cut into consecutive windows of at most ``max_length``:
-    ``[(first position, ids)]``; none for an empty document (no forward runs on nothing)."""
-    ids = list(ids)
-    return [(s, ids[s:s + max_length]) for s in range(0, len(ids), max_length)]
-
-
-def encode_long(tokenizer: Any, texts: list[str], **kw: Any) -> Any:
-    """``tokenizer(texts, **kw)`` without truncation and without the warning that a text is
-    longer than the model's limit (such texts are run in windows)."""
-    flags = getattr(tokenizer, "deprecation_warnings", None)
-    key = "sequence-length-is-longer-than-the-specified-maximum"
-    had = None if flags is None else flags.get(key)
-    if flags is not None:
-        flags[key] = True
-    try:
-        return tokenizer(texts, truncation=False, **kw)
-    finally:
-        if flags is not None:
-            if had is None:
-                flags.pop(key, None)
-            else:
-                flags[key] = had
-
-
-def shard_file(shard: int, kind: str) -> str:
-    """File name of one table (``tokens``, ``codes`` or ``docs``) or array (``grid``,
-    ``counts``) of shard ``shard``."""
-    ext = "npy" if kind in ARRAYS else "parquet"
-    return f"shard-{shard:05d}.{kind}.{ext}"
-
-
-def grid_columns(sites: Sequence[dict[str, Any]]) -> list[int]:
-    """First grid column of each site (sites in index order), plus the total width."""
-    return np.cumsum([0] + [s["groups"] * s["k"] for s in sites]).tolist()
-
-
-def count_offsets(sites: Sequence[dict[str, Any]]) -> list[int]:
-    """First entry of each site in a counts array (sites in index order), plus its length."""
-    return np.cumsum([0] + [s["groups"] * s["num_codes"] for s in sites]).tolist()
-
-
-def site_infos(model: Any) -> list[dict[str, Any]]:
-    """Name, groups, k and num_codes of every site of a CodebookModel, in site order."""
-    return [{"name": name, "groups": layer.config.groups, "k": layer.config.k,
-             "num_codes": layer.config.num_codes} for name, layer in model.sites.items()]
-
-
-_LAYER_HASHES: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], str]] = \
-    weakref.WeakKeyDictionary()
-
-
-def layer_fingerprint(layer: Any) -> str:
-    """``"sha256:<hex>"`` over a codebook layer's parameters (the code vectors and the
-    LayerNorm's affine, sorted by name), each as its name, shape and float32 little-endian
-    bytes: equal for layers with the same weights, whatever their device or a save and
-    reload. Cached per layer until a parameter changes (in place or replaced)."""
-    params = sorted(layer.named_parameters(), key=lambda np_: np_[0])
-    hit = _LAYER_HASHES.get(layer)
-    if hit is not None and len(hit[0]) == len(params) and all(
-            n == n0 and ref() is p and p._version == v0
-            for (n, p), (n0, ref, v0) in zip(params, hit[0], strict=True)):
-        return hit[1]
-    h = hashlib.sha256()
-    for name, p in params:
-        t = p.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name} {tuple(t.shape)}\n".encode())
-        h.update(t.numpy().astype("<f4", copy=False).tobytes())
-    out = "sha256:" + h.hexdigest()
-    _LAYER_HASHES[layer] = (tuple((n, weakref.ref(p), p._version) for n, p in params), out)
-    return out
-
-
-def site_fingerprints(model: Any, sites: Sequence[str] | None = None) -> dict[str, str]:
-    """:func:`layer_fingerprint` of each of ``sites`` (default: every site of the model)."""
-    return {name: layer_fingerprint(model.site(name))
-            for name in (model.site_names if sites is None else sites)}
-
-
-def codebook_fingerprint(per_site: dict[str, str]) -> str:
-    """One ``"sha256:<hex>"`` for a model's codebooks: over the sites' names and
-    :func:`site_fingerprints`, sorted by name."""
-    h = hashlib.sha256()
-    for name, fp in sorted(per_site.items()):
-        h.update(f"{name} {fp}\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
-def check_layer(meta: dict[str, Any], site: str, layer: Any, where: str | os.PathLike) -> None:
-    """Raise a CodebookError if ``layer`` does not hold the weights of ``site``'s codebook in
-    the index at ``where`` (when the index records per-site fingerprints)."""
-    want = (meta.get("site_fingerprints") or {}).get(site)
-    if want is None:
-        return
-    got = layer_fingerprint(layer)
-    if got != want:
-        raise CodebookError(_other_weights(meta, where, site, want, got))
-
-
-def _other_weights(meta: dict[str, Any], where: str | os.PathLike, site: str, want: str,
-                   got: str) -> str:
-    built = f" (codebooks {meta['codebooks']})" if meta.get("codebooks") else ""
-    return (f"{where}: the index was built with other codebook weights of the same shapes: "
-            f"site {site} has fingerprint {want} in the index{built} but {got} in this "
-            "model; pass the model the index was built with, or rebuild the index with this "
-            "model into a new folder")
-
-
-def check_model(meta: dict[str, Any], model: Any, where: str | os.PathLike) -> None:
-    """Raise a CodebookError if ``model`` is not the model the index at ``where`` was built
-    with: base model type, layer count, width, sites with their groups, k, num_codes, and the
-    codebooks' weights (:func:`site_fingerprints`, recorded in ``meta.json``). An index
-    without a recorded fingerprint (built by an older version) gets a warning instead."""
-    info = model.base_info()
-    saved = meta["base_model"]
-    for key in ("model_type", "num_layers", "hidden_size"):
-        if saved.get(key) is not None and info.get(key) != saved[key]:
-            raise CodebookError(f"{where}: the index was built with a model of {key} "
-                                f"{saved[key]}, this model has {info.get(key)}; pass the "
-                                "model the index was built with")
-    mine = {s["name"]: s for s in site_infos(model)}
-    for s in meta["sites"]:
-        m = mine.get(s["name"])
-        if m is None:
-            raise CodebookError(f"{where}: the index has site {s['name']!r}, which this model "
-                                f"lacks (sites: {', '.join(mine) or 'none'}); pass the model "
-                                "the index was built with")
-        if m != s:
-            raise CodebookError(f"{where}: site {s['name']} has groups/k/num_codes "
-                                f"{m['groups']}/{m['k']}/{m['num_codes']} in this model but "
-                                f"{s['groups']}/{s['k']}/{s['num_codes']} in the index; pass "
-                                "the model the index was built with")
-    want = meta.get("site_fingerprints")
-    if want is None:
-        warnings.warn(f"{where}: the index records no codebook fingerprint (built by an older "
-                      "codebook-features), so whether this model's codebook weights are the "
-                      "ones it was built with cannot be checked; rebuild the index to record "
-                      "it", UserWarning, stacklevel=3)
-        return
-    for site in want:
-        check_layer(meta, site, model.site(site), where)
-
-
-def _text_batches(texts: Any, text_column: str, size: int) -> Iterator[list[str]]:
-    """``texts`` in lists of ``size`` strings, read lazily: a ``datasets.Dataset`` a slice at
-    a time, a ``datasets.IterableDataset`` (streaming) or any other iterable one item at a
-    time, so no more than a batch of them is held here."""
-    try:
-        from datasets import Dataset, IterableDataset
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        Dataset = IterableDataset = None  # noqa: N806
-    if Dataset is not None and isinstance(texts, Dataset):
-        if text_column not in texts.column_names:
-            raise CodebookError(f"build_index: the dataset has no column {text_column!r} "
-                                f"(columns: {texts.column_names}); pass text_column=")
-        for i in range(0, len(texts), size):
-            yield [str(t) for t in texts[i:i + size][text_column]]
-        return
-    if IterableDataset is not None and isinstance(texts, IterableDataset):
-        columns = texts.column_names  # None until a row is read, for some streams
-        if columns is not None and text_column not in columns:
-            raise CodebookError(f"build_index: the dataset has no column {text_column!r} "
-                                f"(columns: {columns}); pass text_column=")
-
-        def column(rows: Iterator[dict[str, Any]]) -> Iterator[Any]:
-            for row in rows:
-                if text_column not in row:
-                    raise CodebookError(f"build_index: the dataset has no column "
-                                        f"{text_column!r} (columns: {list(row)}); pass "
-                                        "text_column=")
-                yield row[text_column]
-
-        items: Iterator[Any] = column(iter(texts))
-    elif isinstance(texts, str | bytes | dict) or not isinstance(texts, Iterable):
-        raise CodebookError("build_index: texts must be a list of strings (or any iterable "
-                            "of strings), or a datasets.Dataset or IterableDataset with a "
-                            "text column")
-    else:
-        items = iter(texts)
-    while True:
-        chunk = list(islice(items, size))
-        if not chunk:
-            return
-        for t in chunk:
-            if not isinstance(t, str):
-                raise CodebookError(f"build_index: texts must be strings, got "
-                                    f"{type(t).__name__}; pass the text column")
-        yield chunk
+from ...errors import CodebookError
+from ...io import fault_point, read_json, write_json
+from .fingerprints import codebook_fingerprint, site_fingerprints, site_infos
+from .layout import (
+    ARRAYS,
+    FORMAT,
+    FORMAT_VERSION,
+    KINDS,
+    META_NAME,
+    count_offsets,
+    file_check,
+    grid_columns,
+    shard_damage,
+    shard_file,
+)
+from .texts import _text_batches, encode_long, token_windows
 
 
 def _write_npy(array: np.ndarray, path: Path) -> None:
