@@ -18,8 +18,7 @@ PKG = "codebook_features"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PKG
 CLI_ENTRY = {f"{PKG}.cli", f"{PKG}.__main__"}
 MAX_LINES = 500  # "about 500": a source file may not pass this
-STILL_BIG = {"codebook.py", "snap.py",
-             "analysis/search.py"}  # being split; the list only shrinks
+STILL_BIG = {"codebook.py", "snap.py"}  # being split; the list only shrinks
 # Old module paths kept for one release: each warns and points to the new one.
 SHIMS = {
     "codebook_features.data.stories": "codebook_features.experiments.stories",
