@@ -234,14 +234,14 @@ def _amx_key_bytes(limit: int):
 
     @contextlib.contextmanager
     def ctx() -> Iterator[None]:
-        from codebook_features import snap
+        from codebook_features.snap import screen_kernel  # where _amx_fits reads it
 
-        old = snap.AMX_KEY_BYTES
-        snap.AMX_KEY_BYTES = limit
+        old = screen_kernel.AMX_KEY_BYTES
+        screen_kernel.AMX_KEY_BYTES = limit
         try:
             yield
         finally:
-            snap.AMX_KEY_BYTES = old
+            screen_kernel.AMX_KEY_BYTES = old
 
     return ctx
 
@@ -348,10 +348,13 @@ def snap_backend(layer, x_shape: tuple[int, int, int]) -> str:
 @contextlib.contextmanager
 def _screen_redos() -> Iterator[list[int]]:
     """Collects the rows the certified bf16 screen hands to exact search meanwhile."""
-    from codebook_features import snap
+    from codebook_features.snap import screen, screen_kernel
 
     calls: list[int] = []
-    saved = {name: getattr(snap, name) for name in ("_search_torch", "_redo")}
+    # Each spy sits in the module whose screen calls it (the torch screen's exact search, the
+    # compiled screen's redo).
+    saved = {(module, name): getattr(module, name)
+             for module, name in ((screen, "_search_torch"), (screen_kernel, "_redo"))}
 
     def spy_of(exact):
         def spy(x, *args, **kwargs):
@@ -359,13 +362,13 @@ def _screen_redos() -> Iterator[list[int]]:
             return exact(x, *args, **kwargs)
         return spy
 
-    for name, exact in saved.items():
-        setattr(snap, name, spy_of(exact))
+    for (module, name), exact in saved.items():
+        setattr(module, name, spy_of(exact))
     try:
         yield calls
     finally:
-        for name, exact in saved.items():
-            setattr(snap, name, exact)
+        for (module, name), exact in saved.items():
+            setattr(module, name, exact)
 
 
 def approx_rows(shape: tuple[int, ...], repeats: int) -> list[dict]:

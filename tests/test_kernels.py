@@ -226,8 +226,9 @@ def test_screen_window_overflow_is_redone(monkeypatch):
     from codebook_features import snap
 
     calls: list[int] = []
-    redo = snap._redo
-    monkeypatch.setattr(snap, "_redo", lambda x, *a: calls.append(len(x)) or redo(x, *a))
+    redo = snap.screen_kernel._redo
+    monkeypatch.setattr(snap.screen_kernel, "_redo",  # where the compiled screen calls it
+                        lambda x, *a: calls.append(len(x)) or redo(x, *a))
     gen = torch.Generator().manual_seed(8)
     centre = torch.randn(1, 1, 64, generator=gen)
     book = torch.cat([centre + 1e-5 * torch.randn(1, 600, 64, generator=gen),

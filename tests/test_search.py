@@ -86,7 +86,8 @@ def test_auto_resolution(monkeypatch, kernel):
             ("GenuineIntel", {"amx_bf16"}, torch.zeros(8, 1000, 16), "torch"),
             ("GenuineIntel", set(), wide, "torch"),
             ("AuthenticAMD", set(), wide, "faiss" if snap.faiss_available() else "torch")]:
-        monkeypatch.setattr(snap, "_cpu_flags", lambda v=vendor, f=flags: (v, frozenset(f)))
+        monkeypatch.setattr(snap.backends, "_cpu_flags",  # where resolve_backend reads it
+                            lambda v=vendor, f=flags: (v, frozenset(f)))
         assert snap.resolve_backend("auto", cpu32, book) == want, (vendor, flags, book.shape)
         assert snap.resolve_backend("auto", cpu32.double(), book) == "torch"
     with pytest.raises(ValueError, match="unknown search backend"):
@@ -273,14 +274,16 @@ def screen_impl(request, monkeypatch):
 def _count_redos(monkeypatch) -> list[int]:
     """Rows the bf16 screen hands back to exact search, call by call (either screen)."""
     calls: list[int] = []
-    for name in ("_search_torch", "_redo"):
-        exact = getattr(snap, name)
+    # Each spy sits in the module whose screen calls it: the torch screen's exact search, the
+    # compiled screen's redo.
+    for module, name in ((snap.screen, "_search_torch"), (snap.screen_kernel, "_redo")):
+        exact = getattr(module, name)
 
         def spy(x, *args, exact=exact, **kwargs):
             calls.append(x.shape[0])
             return exact(x, *args, **kwargs)
 
-        monkeypatch.setattr(snap, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return calls
 
 
