@@ -1,4 +1,5 @@
-"""The train command's config: a YAML (or JSON) file read into dataclasses, checked up front.
+"""The train command's config: a YAML (or JSON) file read into pydantic dataclasses, checked
+up front.
 
 A config is a YAML (or JSON) file with four sections::
 
@@ -12,21 +13,37 @@ plus the codebook ones). Overrides on the command line use dotted keys:
 ``training.max_steps=100 codebooks.k=4``. Everything is checked before any work starts:
 unknown keys, wrong types, an unreachable model, a missing dataset column, a sequence length
 beyond the model's positions.
+
+Keys and types are checked by pydantic: :class:`DataConfig` and :class:`TrainConfig` are
+pydantic dataclasses, and the ``codebooks`` and ``training`` sections are checked against
+the fields of ``CodebookModelConfig`` and ``CodebookTrainingArguments``. Numbers and booleans
+are taken as YAML writes them (an integer is no boolean, ``"5"`` is no number); each problem
+is reported as one line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, StrictBool, StrictFloat, StrictInt, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from typing_extensions import TypedDict
+
 from ..errors import CodebookError
 
+_SECTION = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+"""Unknown keys are refused; a number given for a text field (``split: 2023``) is its text."""
 
-@dataclass
+
+@dataclass(config=_SECTION)
 class DataConfig:
     """Where the text comes from and how it is cut."""
 
@@ -41,23 +58,23 @@ class DataConfig:
     eval_split: str | None = None
     """Split to evaluate on (none: hold out eval_fraction of the training rows, or with
     streaming the first max_eval_rows rows)."""
-    eval_fraction: float = 0.05
+    eval_fraction: StrictFloat = 0.05
     text_column: str = "text"
     """Column of text to tokenise and pack; ``input_ids`` takes pre-tokenised rows of
     seq_len ids as they are (e.g. the TokFSM demo's data/train.parquet)."""
-    seq_len: int = 512
-    max_train_rows: int | None = None
+    seq_len: StrictInt = 512
+    max_train_rows: StrictInt | None = None
     """Use at most this many packed rows for training."""
-    max_eval_rows: int | None = None
+    max_eval_rows: StrictInt | None = None
     """Evaluate on at most this many packed rows (default: all; with streaming 256)."""
-    streaming: bool = False
+    streaming: StrictBool = False
     """Read the text lazily (corpora larger than memory) and pack it on the fly; needs
     training.max_steps. Rows come in corpus order unless shuffle_buffer is set."""
-    shuffle_buffer: int = 0
+    shuffle_buffer: StrictInt = 0
     """With streaming: shuffle the packed rows through a buffer of this many rows (0: off)."""
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class TrainConfig:
     """A whole training run."""
 
@@ -67,55 +84,94 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     codebooks: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
-    kmeans_init_batches: int = 0
+    kmeans_init_batches: StrictInt = 0
     """k-means-initialise the codebooks from this many training batches (0: random codes)."""
 
 
-_SCALARS = {"bool": bool, "int": int, "float": float}
+_STRICT = {bool: StrictBool, int: StrictInt, float: StrictFloat}
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false",
+          "string": "text", "list": "a list", "dict": "a section (a mapping of keys)",
+          "dataclass": "a section (a mapping of keys)"}
 
 
-def _scalar_type(f: dataclasses.Field) -> type | None:
-    """``bool``, ``int`` or ``float`` when the field holds one (or None), from its annotation
+def _scalar_type(hint: Any, default: Any) -> type | None:
+    """``bool``, ``int`` or ``float`` when a field holds one (or None), from its type hint
     (``float | None``, ``Optional[int]``) or else its default's type; None otherwise."""
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)
-    t = re.sub(r"^(typing\.)?Optional\[(.*)\]$", r"\2", t.strip())
-    names = {p.strip() for p in t.split("|")} - {"None"}
-    if len(names) == 1 and (name := names.pop()) in _SCALARS:
-        return _SCALARS[name]
-    return type(f.default) if type(f.default) in (bool, int, float) else None
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    named = [a for a in (typing.get_args(hint) if union else (hint,)) if a is not type(None)]
+    if len(named) == 1 and named[0] in _STRICT:
+        return named[0]
+    return type(default) if type(default) in _STRICT else None
 
 
-def _coerce(value: Any, typ: type | None, where: str) -> Any:
-    """Check ``value`` against a field's scalar type, converting CLI strings."""
-    if value is None or typ not in (bool, int, float):
-        return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif not isinstance(value, bool):
-        if isinstance(value, (int, float)) and (typ is float or isinstance(value, int)):
-            return typ(value)
-        if isinstance(value, str):
-            try:
-                return typ(value)
-            except ValueError:
-                pass
-    kind = {int: "an integer", float: "a number", bool: "true or false"}[typ]
-    raise CodebookError(f"{where} must be {kind}, got {value!r}")
+@functools.cache
+def _keys_of(cls: type) -> TypeAdapter:
+    """A checker of a section given as the keyword arguments of dataclass ``cls``: unknown
+    keys are refused, the bool, int and float fields (or None) must hold one, the rest pass
+    as they are (``cls`` checks them)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not resolve: the defaults decide
+        hints = {}
+    keys = {}
+    for f in dataclasses.fields(cls):
+        if f.init:
+            typ = _scalar_type(hints.get(f.name), f.default)
+            keys[f.name] = _STRICT[typ] | None if typ else Any
+    section = TypedDict(f"{cls.__name__}Keys", keys, total=False)  # type: ignore[misc]
+    section.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+    return TypeAdapter(section)
+
+
+_UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
+_SECTIONS = ("data", "codebooks", "training")
+
+
+def _where(section: str, loc: tuple[str | int, ...]) -> str:
+    """The dotted name of a key: ``data.seq_len``, ``config.kmeans_init_batches``,
+    ``data.files[0]``."""
+    top = [] if section == "config" and loc[0] in _SECTIONS else [section]
+    return ".".join([*top, *(str(p) for p in loc if not isinstance(p, int))]) + "".join(
+        f"[{p}]" for p in loc if isinstance(p, int))
+
+
+def _one_line(e: ValidationError, section: str, known: list[str]) -> CodebookError:
+    """The first problem pydantic found, as one line naming the key, section by section (the
+    config's own keys, then its data section's): unknown keys first (all of them at once),
+    then a wrong type."""
+    errors = e.errors()
+    data = [x for x in errors if section == "config" and x["loc"][0] == "data"
+            and len(x["loc"]) > 1]
+    for name, mine, fields in (
+            (section, [x for x in errors if x not in data], known),
+            ("data", data, [f.name for f in dataclasses.fields(DataConfig)])):
+        unknown = sorted(str(x["loc"][-1]) for x in mine if x["type"] in _UNKNOWN)
+        if unknown:
+            return CodebookError(f"{name}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        if mine:
+            x = mine[0]
+            where, kind = _where(section, x["loc"]), _KINDS.get(x["type"].split("_")[0])
+            if kind is None:
+                return CodebookError(f"{where}: {x['msg'][0].lower()}{x['msg'][1:]}, got "
+                                     f"{x['input']!r}")
+            return CodebookError(f"{where} must be {kind}, got {x['input']!r}")
+    return CodebookError(f"{section}: {_first_line(e)}")  # pragma: no cover - none found
 
 
 def _check_keys(given: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        raise CodebookError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    return {k: _coerce(v, _scalar_type(fields[k]), f"{where}.{k}") for k, v in given.items()}
+    """``given`` with every key known to dataclass ``cls`` and every bool, int and float
+    field holding one (a CodebookError naming the first key that does not)."""
+    try:
+        checked = _keys_of(cls).validate_python(given)
+    except ValidationError as e:
+        raise _one_line(e, where, [f.name for f in dataclasses.fields(cls) if f.init]) \
+            from None
+    return {k: checked[k] for k in given}  # in the order given
 
 
 def _yaml_load(text: str) -> Any:
-    """YAML with the 1.2 booleans: only true/false, so ``save_strategy: no`` stays "no"."""
+    """YAML with the 1.2 booleans: only true/false, so ``save_strategy: no`` stays "no"; and
+    the 1.2 floats without a dot, so ``1e-4`` is a number, not the text "1e-4"."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -127,6 +183,9 @@ def _yaml_load(text: str) -> Any:
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
                                  re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
     return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -154,18 +213,24 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConf
             if not isinstance(cur, dict):
                 raise CodebookError(f"override {item!r}: {part} is not a section")
         cur[parts[-1]] = _yaml_load(value) if value else None
-    top = _check_keys(raw, TrainConfig, "config")
-    data = _check_keys(top.pop("data", None) or {}, DataConfig, "data")
-    cfg = TrainConfig(**top, data=DataConfig(**data))
+    for section in _SECTIONS:  # an empty section: its defaults
+        if section in raw and raw[section] is None:
+            raw[section] = {}
+    try:
+        cfg = TypeAdapter(TrainConfig).validate_python(raw)
+    except ValidationError as e:
+        raise _one_line(e, "config", [f.name for f in dataclasses.fields(TrainConfig)]) \
+            from None
     if not cfg.model:
         raise CodebookError("config: model is required (a hub name or a local folder)")
     from ..model_config import CodebookModelConfig
     from .trainer import CodebookTrainingArguments
 
     # types first ("k: two" must be an integer), then unknown keys and bad values
-    known = {f.name: f for f in dataclasses.fields(CodebookModelConfig)}
-    cfg.codebooks = {k: _coerce(v, _scalar_type(known[k]), f"codebooks.{k}") if k in known
-                     else v for k, v in dict(cfg.codebooks).items()}
+    known = {f.name for f in dataclasses.fields(CodebookModelConfig)}
+    typed = _check_keys({k: v for k, v in cfg.codebooks.items() if k in known},
+                        CodebookModelConfig, "codebooks")
+    cfg.codebooks = {k: typed.get(k, v) for k, v in cfg.codebooks.items()}
     CodebookModelConfig.from_dict(dict(cfg.codebooks))
     cfg.training = _check_keys(cfg.training, CodebookTrainingArguments, "training")
     return cfg
