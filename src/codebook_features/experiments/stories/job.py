@@ -85,7 +85,7 @@ def _rows_dataset(tok: Any, stories: list[dict[str, Any]], seq_len: int):
 
 
 def _args(cls, out: Path, cfg: StoryDemoConfig, steps: int, lr: float, **kw: Any):
-    from ...demo import train_args
+    from ..settings import train_args
 
     return train_args(cls, out, cfg.batch, cfg.seed, steps, lr,
                       lr_scheduler_type="warmup_stable_decay",
@@ -242,7 +242,7 @@ def options(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> StoryDemoConfig:
-    from ...demo import apply_overrides
+    from ..settings import apply_overrides
 
     cfg = StoryDemoConfig(out=args.out)
     if args.quick:
