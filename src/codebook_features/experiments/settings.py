@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ..errors import CodebookError
+from ..io import writable_dir
 
-__all__ = ["apply_overrides", "train_args"]
+__all__ = ["apply_overrides", "prepare_run", "train_args"]
 
 def train_args(cls, out: Path, batch: int, seed: int, steps: int, lr: float, **kw: Any):
     """Trainer arguments of the demo jobs (``cls``: TrainingArguments or a subclass): no
@@ -47,3 +48,11 @@ def apply_overrides(cfg: Any, items: list[str], frozen: tuple[str, ...] = ()) ->
                                 ) from None
         cfg = dataclasses.replace(cfg, **{key: parsed})
     return cfg
+
+
+def prepare_run(out: str | Path, threads: int = 0) -> Path:
+    """A job's start: torch's thread count (0: left as is) and its output folder, checked to be
+    writable before any work (one line if not)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return writable_dir(out)

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from ...errors import CodebookError
-from ...io import writable_dir, write_json, write_text
+from ...io import write_json, write_text
+from ..settings import prepare_run
 
 
 @dataclass
@@ -126,9 +127,7 @@ def _run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
         write_corpus,
     )
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = writable_dir(cfg.out)  # unwritable: one line before any work
+    out = prepare_run(cfg.out, cfg.threads)  # unwritable: one line before any work
     t_start = time.time()
     timings: dict[str, float] = {}
 

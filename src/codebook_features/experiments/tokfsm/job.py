@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from ...errors import CodebookError
-from ...io import writable_dir, write_json
-from ..settings import apply_overrides, train_args
+from ...io import write_json
+from ..settings import apply_overrides, prepare_run, train_args
 
 
 @dataclass
@@ -175,9 +175,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from ...training import CodebookTrainer, CodebookTrainingArguments, kmeans_init_codebooks
     from .data import TokFSM, TokFSMConfig, build_splits
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = writable_dir(cfg.out)  # unwritable: one line before any work
+    out = prepare_run(cfg.out, cfg.threads)  # unwritable: one line before any work
     t_start = time.time()
     timings: dict[str, float] = {}
 
