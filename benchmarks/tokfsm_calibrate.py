@@ -3,16 +3,18 @@
 Trains a GPT-NeoX-style model from scratch (no codebooks) on fresh TokFSM batches with a plain
 torch AdamW loop at a constant learning rate, and prints one JSON line per evaluation:
 step, training seconds (evaluation excluded), wall seconds, training loss (mean since the last
-evaluation) and sampled state accuracy (``codebook_features.fsm.state_accuracy``). A final
-line summarises the first step/second at which each accuracy target was reached.
+evaluation) and sampled state accuracy
+(``codebook_features.experiments.tokfsm.metrics.state_accuracy``). A final line summarises
+the first step/second at which each accuracy target was reached.
 
 Example::
 
     python benchmarks/tokfsm_calibrate.py --num-states 40 --successors 5 --batch 32 \\
         --lr 3e-3 --steps 400 --eval-every 50
 
-``--demo`` runs the whole demo instead (``codebook_features.demo.run_demo``) with ``--set``
-overrides and appends one record, settings -> figures and verdicts, to
+``--demo`` runs the whole demo instead
+(``codebook_features.experiments.tokfsm.job.run_demo``) with ``--set`` overrides and appends
+one record, settings -> figures and verdicts, to
 ``benchmarks/tokfsm_calibration.json`` (the curve the demo's defaults were chosen from)::
 
     python benchmarks/tokfsm_calibrate.py --demo --label "64 wide" --set hidden=64 ks=1
@@ -63,7 +65,7 @@ def demo_main(argv: list[str]) -> None:
     """One demo run with ``--set`` overrides, recorded in ``--record``."""
     import tempfile
 
-    from codebook_features.demo import DemoConfig, apply_overrides, run_demo
+    from codebook_features.experiments.tokfsm.job import DemoConfig, apply_overrides, run_demo
     from codebook_features.io import write_json
 
     p = argparse.ArgumentParser(description="record one demo run (settings -> figures)")

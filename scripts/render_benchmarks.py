@@ -151,6 +151,51 @@ def calibration_table(runs: list[dict]) -> str:
                   "JSD attn_mlp_all", "best single layer", "wall s"], out)
 
 
+TABLE1_NAMES = {"base": "no codebook", "attn_k1": "attention only, k=1"}
+
+
+def tokfsm_demo_summary(run: dict) -> str:
+    """``benchmarks/results/tokfsm_demo.json``: a full demo run's Table 1, state codes against
+    neurons, patching figures and targets (``scripts/tokfsm_results.py`` writes it)."""
+    def pct(v: float | None) -> str | None:
+        return None if v is None else f"{100 * v:.1f}%"
+
+    rows = [[TABLE1_NAMES.get(name) or "attention + MLP, k=" + name.rsplit("_k", 1)[-1],
+             r.get("loss"), pct(r.get("lm_acc")), pct(r.get("state_acc")),
+             pct(r.get("first_transition_acc"))] for name, r in run["table1"].items()]
+    sc, ne, iv = run["state_codes"], run["neurons"], run["intervention"]
+    given = iv.get("normalized_jsd") or {}
+    order = ["attn_layer0", *sorted(k for k in given if k.startswith("mlp_layer")), "attn_all",
+             "mlp_all", "attn_mlp_all"]  # the paper's order of conditions
+    jsd = {k: given[k] for k in order if k in given}
+    m, t = run.get("machine") or {}, run.get("timings") or {}
+    wall = run.get("wall_s")
+    lines = [
+        f"Run of {run.get('date')} on {m.get('cores')} CPU cores (torch {m.get('torch')}): "
+        f"{t.get('total_s')} s in the demo"
+        + (f", {wall} s wall for the whole command" if wall else "") + ".",
+        "",
+        table(["model", "loss", "LM acc", "state acc", "first-transition acc"], rows),
+        "",
+        f"State codes of `{sc.get('site')}`: {sc.get('states_covered')} of "
+        f"{sc.get('num_states')} states have one, mean precision {pct(sc.get('mean_precision'))}"
+        f" at mean recall {pct(sc.get('mean_recall'))}; the best of {ne.get('count')} "
+        f"attention/MLP output dimensions at each code's recall: "
+        f"{pct(ne.get('mean_precision'))}.",
+        "",
+        table(["patched", *jsd], [["normalised JSD", *jsd.values()]]),
+        "",
+        f"After the `mlp_all` patch {pct(iv.get('success'))} of the next-state probability is "
+        f"on B's successors ({pct(iv.get('success_before'))} unpatched; {iv.get('pairs')} "
+        "pairs).",
+        "",
+        table(["target", "value", "verdict"],
+              [[x["target"], x["value"], {True: "met", False: "**not met**", None: "n/a"}[
+                  x["met"]]] for x in run["targets"]]),
+    ]
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Source:
     path: str            # relative to the repository root
@@ -175,6 +220,9 @@ SOURCES = {
     "index": Source("benchmarks/results/index_scale.jsonl",
                     "python benchmarks/index_scale.py --out DIR --runs 5 > "
                     "benchmarks/results/index_scale.jsonl", index_table),
+    "tokfsm_demo": Source("benchmarks/results/tokfsm_demo.json",
+                          "python scripts/tokfsm_results.py runs/demo/report.json",
+                          tokfsm_demo_summary, json_lines=False),
     "tokfsm_calibration": Source("benchmarks/tokfsm_calibration.json",
                                  "python benchmarks/tokfsm_calibrate.py --demo --set ...",
                                  calibration_table, json_lines=False),

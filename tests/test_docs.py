@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import render_benchmarks as rb  # noqa: E402
+import tokfsm_results  # noqa: E402
 
 sys.path.pop(0)
 
@@ -123,3 +124,45 @@ def test_calibration_table_is_the_stored_runs():
     last = runs[-1]["figures"]
     assert f"{100 * last['state_codes.mean_precision']:.1f}%" in lines[-1]
     assert str(last["intervention.normalized_jsd"]["mlp_all"]) in lines[-1]
+
+
+def fake_report(smoke: bool = False) -> dict:
+    jsd = {"mlp_all": 0.25, "attn_all": 0.6, "mlp_layer1": 0.64, "attn_layer0": 0.7,
+           "attn_mlp_all": 0.0001, "mlp_layer0": 0.76}
+    row = {"loss": 0.85, "lm_acc": 0.556, "state_acc": 0.963, "first_transition_acc": 0.959,
+           "standard": {"all": {}}}
+    return {
+        "config": {"smoke": smoke, "variants": ["attn_k1", "attn_mlp_k1", "attn_mlp_k4"],
+                   "fsm": {"transitions": [[1]]}, "out": "/x", "hidden": 64},
+        "machine": {"cores": 2, "torch": "2.13.0+cpu"},
+        "timings": {"total_s": 480.5},
+        "base": row, "attn_k1": {**row, "state_acc": 0.97},
+        "attn_mlp_k1": {**row, "state_acc": 0.91}, "attn_mlp_k4": {**row, "state_acc": 0.95},
+        "state_codes": {"site": "layers.3.mlp_out", "states_covered": 40, "num_states": 40,
+                        "mean_precision": 0.9999, "mean_recall": 0.39, "per_state": [1, 2]},
+        "neurons": {"count": 512, "mean_precision": 0.861, "precisions": [0.5]},
+        "intervention": {"pairs": 400, "normalized_jsd": jsd, "success": 0.25,
+                         "success_before": 0.12, "pairs_used": [[0, 1, 2, 3]]},
+        "targets": [{"target": "base state accuracy >= 0.90", "value": 0.963, "met": True},
+                    {"target": "state codes >= 0.20 above the best neurons",
+                     "value": [0.9999, 0.861], "met": False}],
+    }
+
+
+def test_tokfsm_demo_results_come_from_a_report(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(fake_report()))
+    out = tmp_path / "benchmarks" / "results" / "tokfsm_demo.json"
+    assert tokfsm_results.main([str(report), "--wall-s", "495", "--out", str(out)]) == 0
+    stored = json.loads(out.read_text())
+    assert "fsm" not in stored["config"] and "pairs_used" not in stored["intervention"]
+    text = rb.render("tokfsm_demo", root=tmp_path)
+    assert "480.5 s in the demo, 495.0 s wall for the whole command" in text
+    assert "| attention + MLP, k=4 | 0.85 | 55.6% | 95.0% | 95.9% |" in text
+    assert "| attention only, k=1 | 0.85 | 55.6% | 97.0% | 95.9% |" in text
+    assert "mean precision 100.0% at mean recall 39.0%" in text and ": 86.1%." in text
+    # the conditions in the paper's order
+    assert ("| normalised JSD | 0.7 | 0.76 | 0.64 | 0.6 | 0.25 | 0.0001 |") in text
+    assert "| state codes >= 0.20 above the best neurons | [0.9999, 0.861] | **not met** |" in text
+    report.write_text(json.dumps(fake_report(smoke=True)))
+    assert tokfsm_results.main([str(report), "--out", str(out)]) == 2

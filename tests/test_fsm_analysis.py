@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-from codebook_features import fsm_analysis as FA
 from codebook_features.errors import CodebookError
 from codebook_features.experiments.tokfsm import BOS_TOKEN_ID, VOCAB_SIZE, TokFSM, TokFSMConfig
+from codebook_features.experiments.tokfsm import analysis as FA
 from codebook_features.experiments.tokfsm import metrics as M
 from codebook_features.model import CodebookModel
 

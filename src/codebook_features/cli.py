@@ -38,8 +38,8 @@ COMMANDS: dict[str, Job] = {
                    "matched size (standard evaluation, training cost, regex search, steering)"),
     "convert": Job("convert", "convert a checkpoint of the authors' package into this "
                    "library's format"),
-    "demo": Job("demo", "the TokFSM experiment end to end: train, snap, read, intervene, "
-                "report", "_options", "_demo"),
+    "demo": Job("experiments.tokfsm.job", "the TokFSM experiment end to end: train, snap, "
+                "read, intervene, report", "_options", "_demo"),
     "eval": Job("evaluation.job", "evaluate saved codebooks on a dataset; print the paper's "
                 "Table 2"),
     "export-sae": Job("sae_export", "write codebook sites in SAELens' on-disk format "
@@ -58,11 +58,6 @@ COMMANDS: dict[str, Job] = {
     "train": Job("training.job", "finetune a causal LM with codebooks from a config file"),
 }
 
-
-def command(name: str, help: str, configure: Callable[..., None] | None = None):
-    """Deprecated no-op, kept while a job still decorates its run function with it: the
-    commands are listed in :data:`COMMANDS`."""
-    return lambda run: run
 
 
 def _job(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Command]:

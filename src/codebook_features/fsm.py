@@ -3,6 +3,5 @@ utilities, ``lm_metrics`` and sampling, to :mod:`codebook_features.lm`)."""
 
 from ._deprecated import forward
 
-# Quiet until the TokFSM demo imports the new path (it is being tuned now).
 __getattr__ = forward(__name__, "codebook_features.experiments.tokfsm.metrics",
-                      "codebook_features.lm", warn=False)
+                      "codebook_features.lm")

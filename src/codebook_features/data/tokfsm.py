@@ -2,5 +2,4 @@
 
 from .._deprecated import forward
 
-# Quiet until the TokFSM demo imports the new path (it is being tuned now).
-__getattr__ = forward(__name__, "codebook_features.experiments.tokfsm.data", warn=False)
+__getattr__ = forward(__name__, "codebook_features.experiments.tokfsm.data")

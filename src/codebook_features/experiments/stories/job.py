@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from ...errors import CodebookError
-from ...io import writable_dir, write_json, write_text
+from ...io import write_json, write_text
+from ..settings import prepare_run
 
 
 @dataclass
@@ -85,7 +86,7 @@ def _rows_dataset(tok: Any, stories: list[dict[str, Any]], seq_len: int):
 
 
 def _args(cls, out: Path, cfg: StoryDemoConfig, steps: int, lr: float, **kw: Any):
-    from ...demo import train_args
+    from ..settings import train_args
 
     return train_args(cls, out, cfg.batch, cfg.seed, steps, lr,
                       lr_scheduler_type="warmup_stable_decay",
@@ -126,9 +127,7 @@ def _run_stories(cfg: StoryDemoConfig) -> dict[str, Any]:
         write_corpus,
     )
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = writable_dir(cfg.out)  # unwritable: one line before any work
+    out = prepare_run(cfg.out, cfg.threads)  # unwritable: one line before any work
     t_start = time.time()
     timings: dict[str, float] = {}
 
@@ -242,7 +241,7 @@ def options(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> StoryDemoConfig:
-    from ...demo import apply_overrides
+    from ..settings import apply_overrides
 
     cfg = StoryDemoConfig(out=args.out)
     if args.quick:

@@ -1,8 +1,9 @@
 """The TokFSM experiment (the main job): a random finite state machine written as digit tokens.
 
 :mod:`.data` (the machine, its tokenizer and datasets), :mod:`.metrics` (state accuracy,
-state codes against neurons, intervention measures); the job, its analysis and report sit
-beside them.
+state codes against neurons, intervention measures), :mod:`.job` (``codebook-features demo``:
+train, finetune with codebooks, measure), :mod:`.analysis` (the paper's analyses of a
+codebook model, as the authors run them) and :mod:`.report` (``report.html``).
 """
 
 from .data import (
