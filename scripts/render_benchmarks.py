@@ -247,6 +247,72 @@ def render(name: str, root: Path = ROOT) -> str:
     return f"{note}:\n\n{src.render(rows)}"
 
 
+README_BLOCK = re.compile(r"(<!-- performance-summary -->\n).*?(<!-- /performance-summary -->)",
+                          flags=re.S)
+
+
+def _span(values: list[float], unit: str = " ×") -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}{unit}" if round(lo, 2) == round(hi, 2) else f"{lo:.2f}–{hi:.2f}{unit}"
+
+
+def readme_summary(root: Path = ROOT) -> str:
+    """The README's performance bullets, from the stored results (what is not stored yet is
+    said so)."""
+    def rows(name: str) -> list[dict]:
+        path = root / SOURCES[name].path
+        return read_json_lines(path) if path.is_file() else []
+
+    out = []
+    snap = [r for r in rows("snap") if r.get("impl") == "codebook"]
+    ctx = next((r for r in rows("snap") if "cpus" in r), {})
+    if snap:
+        naive = [r["naive_x"] for r in snap if r.get("naive_x")]
+        faiss = [r["fwdbwd_x_faiss"] for r in snap if r.get("fwdbwd_x_faiss")]
+        mem = [r["naive_peak_x"] for r in snap if r.get("naive_peak_x")]
+        out.append(
+            f"- **The layer against the naive path** (full `N × C` similarity, top-k, dense "
+            f"gather; `benchmarks/snap.py`, {len(snap)} shapes, {ctx.get('threads')} thread, "
+            f"{ctx.get('cpus')} CPUs): forward + backward {_span(naive)} faster"
+            + (f", peak memory {_span(mem)} smaller" if mem else "")
+            + (f"; {_span(faiss)} FAISS's bare forward search" if faiss else "") + ".")
+    else:
+        out.append("- **The layer against the naive path** (`benchmarks/snap.py`): not stored "
+                   "yet.")
+    model = [r for r in rows("model") if "overhead" in r]
+    if model:
+        per = ", ".join(f"{r['overhead']:.2f} × at the {r['shape']} shape" for r in model)
+        out.append(f"- **A training step** with codebooks on every layer's attention heads "
+                   f"against the plain step (`benchmarks/model.py`): {per}.")
+    else:
+        out.append("- **A training step** (`benchmarks/model.py`): not stored yet.")
+    authors = [r for r in rows("authors") if "speedup" in r]
+    if authors:
+        kinds = dict.fromkeys(r["kind"] for r in authors)
+        per = "; ".join(f"{kind}: {_span([r['speedup'] for r in authors if r['kind'] == kind])}"
+                        for kind in kinds)
+        out.append(f"- **Against the authors' package** in the same run "
+                   f"(`benchmarks/authors.py`, their time ÷ ours): {per}.")
+    else:
+        out.append("- **Against the authors' package** (`benchmarks/authors.py`): not stored "
+                   "yet.")
+    return "\n".join(out) + "\n"
+
+
+def write_readme(root: Path = ROOT, check: bool = False) -> bool:
+    """Rewrite the README's performance block from the stored results; with ``check``, only
+    say whether it is current."""
+    path = root / "README.md"
+    text = path.read_text()
+    if not README_BLOCK.search(text):
+        raise ValueError("README.md has no <!-- performance-summary --> block")
+    new = README_BLOCK.sub(lambda m: m[1] + readme_summary(root) + m[2], text)
+    if check:
+        return new == text
+    path.write_text(new)
+    return True
+
+
 def on_page_markdown(markdown: str, **kwargs: object) -> str:
     """MkDocs hook: each ``<!-- benchmark: NAME -->`` line becomes that table."""
     return MARKER.sub(lambda m: render(m[1]), markdown)
@@ -254,6 +320,10 @@ def on_page_markdown(markdown: str, **kwargs: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     names = (sys.argv[1:] if argv is None else argv) or list(SOURCES)
+    if names == ["--readme"]:  # the README's summary block, from the stored results
+        write_readme()
+        print("README.md: performance summary rewritten from benchmarks/results/")
+        return 0
     for name in names:
         if name not in SOURCES:
             print(f"error: unknown benchmark table {name!r}; known: {', '.join(SOURCES)}",

@@ -166,3 +166,29 @@ def test_tokfsm_demo_results_come_from_a_report(tmp_path):
     assert "| state codes >= 0.20 above the best neurons | [0.9999, 0.861] | **not met** |" in text
     report.write_text(json.dumps(fake_report(smoke=True)))
     assert tokfsm_results.main([str(report), "--out", str(out)]) == 2
+
+
+def test_readme_performance_summary_is_the_stored_results(tmp_path):
+    """The README's performance bullets are what the stored JSON gives (rerun
+    ``scripts/render_benchmarks.py --readme`` after storing a run)."""
+    assert rb.write_readme(ROOT, check=True), "run: python scripts/render_benchmarks.py --readme"
+    # from rows, the figures themselves
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "README.md").write_text("a\n<!-- performance-summary -->\nold\n"
+                                        "<!-- /performance-summary -->\nb\n")
+    rows = [{"cpus": 2, "threads": 1, "load_avg_before": 0.1},
+            {**SNAP_ROWS[2], "naive_x": 4.5, "fwdbwd_x_faiss": 0.2, "naive_peak_x": 8.0},
+            {**SNAP_ROWS[2], "N": 8, "naive_x": 7.25, "fwdbwd_x_faiss": 0.1,
+             "naive_peak_x": 12.0}]
+    (tmp_path / "benchmarks" / "results" / "snap.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "benchmarks" / "results" / "model.jsonl").write_text(json.dumps(
+        {"shape": "tokfsm", "overhead": 1.137}) + "\n")
+    assert rb.write_readme(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "forward + backward 4.50–7.25 × faster, peak memory 8.00–12.00 × smaller; " \
+           "0.10–0.20 × FAISS's bare forward search." in text
+    assert "1.14 × at the tokfsm shape" in text
+    assert "**Against the authors' package** (`benchmarks/authors.py`): not stored yet." in text
+    assert text.startswith("a\n<!-- performance-summary -->\n") and text.endswith(
+        "<!-- /performance-summary -->\nb\n") and "old" not in text
