@@ -314,7 +314,9 @@ def write_readme(root: Path = ROOT, check: bool = False) -> bool:
 
 
 def on_page_markdown(markdown: str, **kwargs: object) -> str:
-    """MkDocs hook: each ``<!-- benchmark: NAME -->`` line becomes that table."""
+    """MkDocs hook: each ``<!-- benchmark: NAME -->`` line becomes that table, and a
+    ``<!-- benchmark-summary -->`` line the README's performance bullets."""
+    markdown = markdown.replace("<!-- benchmark-summary -->\n", readme_summary())
     return MARKER.sub(lambda m: render(m[1]), markdown)
 
 
