@@ -275,7 +275,8 @@ def readme_summary(root: Path = ROOT) -> str:
             f"gather; `benchmarks/snap.py`, {len(snap)} shapes, {ctx.get('threads')} thread, "
             f"{ctx.get('cpus')} CPUs): forward + backward {_span(naive)} faster"
             + (f", peak memory {_span(mem)} smaller" if mem else "")
-            + (f"; {_span(faiss)} FAISS's bare forward search" if faiss else "") + ".")
+            + (f"; forward + backward in {_span(faiss)} the time of FAISS's bare forward "
+               "search" if faiss else "") + ".")
     else:
         out.append("- **The layer against the naive path** (`benchmarks/snap.py`): not stored "
                    "yet.")

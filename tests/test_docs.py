@@ -187,7 +187,7 @@ def test_readme_performance_summary_is_the_stored_results(tmp_path):
     assert rb.write_readme(tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "forward + backward 4.50–7.25 × faster, peak memory 8.00–12.00 × smaller; " \
-           "0.10–0.20 × FAISS's bare forward search." in text
+           "forward + backward in 0.10–0.20 × the time of FAISS's bare forward search." in text
     assert "1.14 × at the tokfsm shape" in text
     assert "**Against the authors' package** (`benchmarks/authors.py`): not stored yet." in text
     assert text.startswith("a\n<!-- performance-summary -->\n") and text.endswith(
