@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="learning-rate schedule after a warmup of a tenth of the steps "
+                        "(at most 50), as transformers' get_scheduler")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-sequences", type=int, default=100)
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
                               states_per_sequence=a.states_per_sequence, seed=a.seed))
     model = build_model(a.layers, a.hidden, a.heads, a.mlp, fsm.config.seq_len, a.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    from transformers import get_scheduler
+
+    warmup = 0 if a.schedule == "constant" else min(50, a.steps // 10)
+    sched = get_scheduler(a.schedule, opt, num_warmup_steps=warmup, num_training_steps=a.steps)
     gen = torch.Generator().manual_seed(a.seed + 12345)
     settings = {k: v for k, v in vars(a).items()}
     settings.update(fsm=fsm.name, params=sum(x.numel() for x in model.parameters()),
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         train_s += time.perf_counter() - t0
         losses.append(loss.item())
         if step % a.eval_every == 0 or step == a.steps:

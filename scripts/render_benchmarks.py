@@ -154,6 +154,16 @@ def calibration_table(runs: list[dict]) -> str:
 TABLE1_NAMES = {"base": "no codebook", "attn_k1": "attention only, k=1"}
 
 
+def _remainder_lines(rem: dict | None) -> list[str]:
+    """Where ``mlp_all`` leaves divergence: every MLP codebook plus one attention layer."""
+    jsd = (rem or {}).get("normalized_jsd") or {}
+    if not jsd:
+        return []
+    return ["Where the rest of the divergence sits: every MLP codebook patched together with "
+            "one layer's attention codebooks (not a condition of the paper).", "",
+            table(["patched", *jsd], [["normalised JSD", *jsd.values()]]), ""]
+
+
 def tokfsm_demo_summary(run: dict) -> str:
     """``benchmarks/results/tokfsm_demo.json``: a full demo run's Table 1, state codes against
     neurons, patching figures and targets (``scripts/tokfsm_results.py`` writes it)."""
@@ -189,6 +199,7 @@ def tokfsm_demo_summary(run: dict) -> str:
         f"on B's successors ({pct(iv.get('success_before'))} unpatched; {iv.get('pairs')} "
         "pairs).",
         "",
+        *_remainder_lines(iv.get("remainder")),
         table(["target", "value", "verdict"],
               [[x["target"], x["value"], {True: "met", False: "**not met**", None: "n/a"}[
                   x["met"]]] for x in run["targets"]]),

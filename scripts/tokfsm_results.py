@@ -42,7 +42,7 @@ def summarise(report: dict, wall_s: float | None = None) -> dict:
                                                "mean_precision", "mean_recall")},
         "neurons": {k: ne.get(k) for k in ("count", "mean_precision")},
         "intervention": {k: iv.get(k) for k in ("pairs", "normalized_jsd", "success",
-                                                "success_before")},
+                                                "success_before", "remainder")},
         "targets": report["targets"],
     }
 

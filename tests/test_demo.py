@@ -30,10 +30,16 @@ def test_demo_quick_writes_full_report(tmp_path):
     assert set(jsd) == {"attn_layer0", "mlp_layer0", "mlp_layer1", "attn_all", "mlp_all",
                         "attn_mlp_all"}
     assert 0 <= report["intervention"]["success"] <= 1
+    # where mlp_all leaves divergence: every MLP codebook plus one layer's attention, apart
+    rem = report["intervention"]["remainder"]
+    assert set(rem["normalized_jsd"]) == {"mlp_all+attn_layer0", "mlp_all+attn_layer1"}
+    assert rem["conditions"]["mlp_all+attn_layer1"] == [
+        "layers.0.mlp_out", "layers.1.mlp_out", "layers.1.attn_heads"]
     # a smoke run: every target is reported, none is judged
     assert report["targets"] and all(t["met"] is None for t in report["targets"])
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+    assert "Where the rest of the divergence sits" in html
     assert "Smoke run" in html and "NOT met" not in html and ">None<" not in html
     # the standard evaluation of every codebook model, in report.json and report.html
     for key in ("attn_k1", "attn_mlp_k1", "attn_mlp_k2"):

@@ -142,7 +142,10 @@ def fake_report(smoke: bool = False) -> dict:
                         "mean_precision": 0.9999, "mean_recall": 0.39, "per_state": [1, 2]},
         "neurons": {"count": 512, "mean_precision": 0.861, "precisions": [0.5]},
         "intervention": {"pairs": 400, "normalized_jsd": jsd, "success": 0.25,
-                         "success_before": 0.12, "pairs_used": [[0, 1, 2, 3]]},
+                         "success_before": 0.12, "pairs_used": [[0, 1, 2, 3]],
+                         "remainder": {"normalized_jsd": {"mlp_all+attn_layer0": 0.12,
+                                                          "mlp_all+attn_layer1": 0.24},
+                                       "conditions": {}}},
         "targets": [{"target": "base state accuracy >= 0.90", "value": 0.963, "met": True},
                     {"target": "state codes >= 0.20 above the best neurons",
                      "value": [0.9999, 0.861], "met": False}],
@@ -163,6 +166,7 @@ def test_tokfsm_demo_results_come_from_a_report(tmp_path):
     assert "mean precision 100.0% at mean recall 39.0%" in text and ": 86.1%." in text
     # the conditions in the paper's order
     assert ("| normalised JSD | 0.7 | 0.76 | 0.64 | 0.6 | 0.25 | 0.0001 |") in text
+    assert "| normalised JSD | 0.12 | 0.24 |" in text and "| mlp_all+attn_layer0 |" in text
     assert "| state codes >= 0.20 above the best neurons | [0.9999, 0.861] | **not met** |" in text
     report.write_text(json.dumps(fake_report(smoke=True)))
     assert tokfsm_results.main([str(report), "--out", str(out)]) == 2

@@ -291,6 +291,23 @@ def test_patch_states_matches_naive_patching(cbm, fsm, ids):
     assert 0 <= out["success_before"] <= 1
 
 
+def test_remainder_conditions_are_scored_apart_on_the_same_pairs(cbm, fsm, ids):
+    extra = FA.remainder_conditions(cbm)
+    mlp = ["layers.0.mlp_out", "layers.1.mlp_out"]
+    assert extra == {"mlp_all+attn_layer0": [*mlp, "layers.0.attn_heads"],
+                     "mlp_all+attn_layer1": [*mlp, "layers.1.attn_heads"]}
+    plain = FA.patch_states(cbm, fsm, ids, pairs_per_state=2, seed=3)
+    got = FA.patch_states(cbm, fsm, ids, pairs_per_state=2, seed=3, extra=extra)
+    # the paper's figures are untouched; the extra ones are those of ordinary conditions
+    assert got["normalized_jsd"] == plain["normalized_jsd"]
+    assert got["pairs_used"] == plain["pairs_used"] and "remainder" not in plain
+    as_conditions = FA.patch_states(cbm, fsm, ids, pairs_per_state=2, seed=3,
+                                    conditions={**FA.patch_conditions(cbm), **extra})
+    assert got["remainder"]["normalized_jsd"] == {
+        k: as_conditions["normalized_jsd"][k] for k in extra}
+    assert got["remainder"]["conditions"] == extra
+
+
 def test_next_state_probs_of_the_patch_pass_match_the_generic_one(cbm, fsm, ids):
     prefix = ids[:5, :7]
     got = FA._next_state_probs(cbm, fsm, prefix, None, 6)

@@ -206,6 +206,19 @@ def patch_conditions(cbm) -> dict[str, list[str]]:
     return out
 
 
+def remainder_conditions(cbm) -> dict[str, list[str]]:
+    """Where ``mlp_all`` leaves divergence: every MLP codebook and one layer's attention
+    codebooks, ``mlp_all+attn_layer{i}`` for every layer with attention codebooks. Not the
+    paper's conditions: they show which attention layer still carries state A."""
+    specs = cbm.site_specs
+    mlp = [n for n, s in specs.items() if s.placement in MLP_PLACEMENTS]
+    attn = [n for n, s in specs.items() if s.placement in ATTN_PLACEMENTS]
+    if not mlp:
+        return {}
+    return {f"mlp_all+attn_layer{layer}": mlp + [n for n in attn if specs[n].layer == layer]
+            for layer in sorted({specs[n].layer for n in attn})}
+
+
 class _OutputPatch:
     """Forward hooks that overwrite the output of codebook layers at one token position,
     row by row: row ``r`` gets ``vectors[site][r]``. A codebook's output is a function of the
@@ -282,8 +295,8 @@ def _next_state_probs(cbm, fsm, prefix: torch.Tensor, vectors: dict[str, torch.T
 
 @torch.no_grad()
 def patch_states(cbm, fsm, ids: torch.Tensor, pairs_per_state: int = 10, seed: int = 0,
-                 conditions: dict[str, list[str]] | None = None, positions: int = 4
-                 ) -> dict[str, Any]:
+                 conditions: dict[str, list[str]] | None = None, positions: int = 4,
+                 extra: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The paper's patching experiment; returns the report's ``intervention`` section.
 
     For every state B, ``pairs_per_state`` held-out rows of ``ids`` are cut after the state
@@ -294,7 +307,9 @@ def patch_states(cbm, fsm, ids: torch.Tensor, pairs_per_state: int = 10, seed: i
     B's own: ``normalized_jsd[cond] = mean JSD(patched, B) / mean JSD(A, B)`` over the pairs.
     ``success``: the share of next-state probability on B's successors after the ``mlp_all``
     patch (mean over pairs; ``success_before``: without patching). ``pairs_used``:
-    ``[A, B, row, j]`` of every pair (A is state ``j`` of row ``row``).
+    ``[A, B, row, j]`` of every pair (A is state ``j`` of row ``row``). ``extra``: more
+    conditions scored on the same pairs, reported apart under ``remainder`` (e.g.
+    :func:`remainder_conditions`).
     """
     conditions = patch_conditions(cbm) if conditions is None else conditions
     if not conditions:
@@ -322,7 +337,9 @@ def patch_states(cbm, fsm, ids: torch.Tensor, pairs_per_state: int = 10, seed: i
     if not pair_list:
         return {"pairs": 0, "note": "no (A, B) pairs: too few held-out sequences"}
     adjacency = torch.as_tensor(fsm.adjacency, dtype=torch.bool)
-    jsd: dict[str, list[torch.Tensor]] = {name: [] for name in ["none", *conditions]}
+    extra = {k: v for k, v in (extra or {}).items() if k not in conditions}
+    every = {**conditions, **extra}
+    jsd: dict[str, list[torch.Tensor]] = {name: [] for name in ["none", *every]}
     success: dict[str, list[torch.Tensor]] = {"none": [], "mlp_all": []}
     try:
         _, b_out, b_probs = state_alone(cbm, fsm)
@@ -334,7 +351,7 @@ def patch_states(cbm, fsm, ids: torch.Tensor, pairs_per_state: int = 10, seed: i
             prefix = ids[rows, : 1 + fsm.digits * (j + 1)]
             pos = fsm.digits * (j + 1)  # A's final digit (the prefix's last position)
             for name in jsd:
-                sites = [] if name == "none" else conditions[name]
+                sites = [] if name == "none" else every[name]
                 vectors = {n: b_out[n][bs] for n in sites}
                 with _OutputPatch(cbm, vectors, pos):
                     p = _last_probs(cbm, prefix)[:, -1]
@@ -346,20 +363,25 @@ def patch_states(cbm, fsm, ids: torch.Tensor, pairs_per_state: int = 10, seed: i
         cbm.train(was_training)
     per = {name: torch.cat(v) for name, v in jsd.items()}
     base = float(per["none"].mean())
+
+    def norm(names) -> dict[str, float | None]:
+        return {n: _r(float(per[n].mean()) / base) if base > 0 else None for n in names}
+
     out = {
         "pairs": len(pair_list),
         "method": "B's codes from BOS + B alone replace all codes of the patched codebooks "
                   "at A's final digit; JSD of the next-token distribution from B's own, "
                   "averaged over pairs and divided by the unpatched average",
         "jsd_unpatched": _r(base),
-        "jsd": {name: _r(float(v.mean())) for name, v in per.items() if name != "none"},
-        "normalized_jsd": {name: _r(float(v.mean()) / base) if base > 0 else None
-                           for name, v in per.items() if name != "none"},
+        "jsd": {name: _r(float(per[name].mean())) for name in conditions},
+        "normalized_jsd": norm(conditions),
         "conditions": {name: list(s) for name, s in conditions.items()},
         "success_before": _r(float(torch.cat(success["none"]).mean())),
         "success": None,
         "pairs_used": pair_list,
     }
+    if extra:
+        out["remainder"] = {"normalized_jsd": norm(extra), "conditions": extra}
     if success["mlp_all"]:
         after = torch.cat(success["mlp_all"])
         out["success"] = _r(float(after.mean()))

@@ -5,10 +5,13 @@
    several k; every codebook is k-means initialised from the base model's activations.
 3. Measure each model: LM loss, next-token accuracy, sampled state accuracy, first-transition
    accuracy.
-4. Read the last layer's MLP codebook: each code's best state with precision and recall, the
-   state codes, and the best neuron of the same layer thresholded to each code's recall.
-5. Intervene: at a state boundary, replace state A's state codes by state B's and measure how
-   much next-state probability moves to B's successors (and the JSD to B's behaviour).
+4. State codes vs neurons, the authors' way: in every codebook, each state's best code on
+   the positions of the state's final digit, against the best single dimension of every
+   attention and MLP output thresholded at the code's recall.
+5. Patch codes: at state A's final digit, overwrite the codes of a set of codebooks with
+   those state B's run alone chose, and score the JSD of the next-token distribution from
+   B's (normalised by the unpatched one), per condition of the paper and, apart, for every
+   MLP codebook plus one layer's attention (where the remaining divergence sits).
 6. Write ``report.json`` (every figure) and a self-contained ``report.html``.
 """
 
@@ -300,7 +303,8 @@ def analyse_state_codes(cbm, fsm, eval_ds, cfg: DemoConfig) -> dict[str, Any]:
     out = fa.state_codes_vs_neurons(cbm, fsm, acts, fa.final_digit_targets(fsm, ids),
                                     headline=f"layers.{cfg.layers - 1}.mlp_out")
     del acts
-    out["intervention"] = fa.patch_states(cbm, fsm, ids, cfg.pairs_per_state, cfg.seed)
+    out["intervention"] = fa.patch_states(cbm, fsm, ids, cfg.pairs_per_state, cfg.seed,
+                                          extra=fa.remainder_conditions(cbm))
     return out
 
 

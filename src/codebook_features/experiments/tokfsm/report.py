@@ -164,6 +164,21 @@ def _calibration_table(path: Path = CALIBRATION) -> str:
                       "success"], out))
 
 
+def _remainder_section(rem: dict[str, Any] | None) -> list[str]:
+    """Every MLP codebook patched with one layer's attention codebooks: which attention layer
+    still carries state A after ``mlp_all``."""
+    norm = (rem or {}).get("normalized_jsd") or {}
+    if not norm:
+        return []
+    rows = [[name, v, ", ".join(rem["conditions"][name])] for name, v in norm.items()]
+    return ["<h3>Where the rest of the divergence sits</h3>",
+            "<p>Not a condition of the paper: every MLP codebook patched together with one "
+            "layer's attention codebooks, on the same pairs. The layer whose addition lowers "
+            "the divergence most is where state A still reaches the prediction when only the "
+            "MLP codes are B's.</p>",
+            _table(["condition", "normalised JSD", "codebooks patched"], rows)]
+
+
 def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the TokFSM demo's HTML report (atomically)."""
     cfg = report["config"]
@@ -236,6 +251,7 @@ def write_demo_report(report: dict[str, Any], path: str | os.PathLike) -> None:
         f"successors (unpatched: {_fmt(iv.get('success_before'))}).</p>",
         _jsd_plot(iv),
         _table(["condition", "JSD (nats)", "normalised JSD", "codebooks patched"], jsd_rows),
+        *_remainder_section(iv.get("remainder")),
         "" if cfg.get("smoke") else _calibration_table(),
         "<h2>Timings (s)</h2>",
         _table(["step", "seconds"], [[k, v] for k, v in report["timings"].items()]),
