@@ -118,6 +118,14 @@ def test_only_the_command_line_imports_it():
     assert not offenders, f"these modules import the CLI (it should import them): {offenders}"
 
 
+def test_the_library_does_not_import_the_experiments():
+    """Experiments build on the library, never the reverse (the CLI reaches them by name)."""
+    exp = f"{PKG}.experiments"
+    offenders = sorted(m for m, deps in GRAPH.items() if not m.startswith(exp)
+                       and any(d == exp or d.startswith(exp + ".") for d in deps))
+    assert not offenders, f"these library modules import an experiment: {offenders}"
+
+
 def test_every_command_module_exists():
     from codebook_features import cli
 

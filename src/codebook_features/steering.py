@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import CodebookError
+from .topics import topic_pattern
 
 MODES = ("append", "replace")
 POSITIONS = ("all", "prompt", "generated")
@@ -301,17 +301,7 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _topic_matcher(topic: str, patterns: Mapping[str, str] | None) -> Callable[[str], bool]:
-    if patterns and topic in patterns:
-        try:
-            rx = re.compile(patterns[topic], re.IGNORECASE)
-        except re.error as e:
-            raise CodebookError(f"topic {topic!r}: regex {patterns[topic]!r} does not compile "
-                                f"({e})") from None
-        return lambda text: rx.search(text) is not None
-    from .experiments.stories.topics import TOPICS, mentions_topic
-    if topic in TOPICS:
-        return lambda text: mentions_topic(text, topic)
-    rx = re.compile(r"\b" + re.escape(topic) + r"\w*", re.IGNORECASE)
+    rx = topic_pattern(topic, patterns, prefix=True)
     return lambda text: rx.search(text) is not None
 
 

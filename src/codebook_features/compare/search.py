@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CodebookError
+from ..topics import topic_pattern
 from .site import _SiteView
 
 
@@ -121,23 +122,10 @@ def best_unit(ids: np.ndarray, on: np.ndarray | None, positive: np.ndarray, unit
 
 def topic_patterns(topics: Sequence[str], patterns: dict[str, str] | None = None
                    ) -> dict[str, re.Pattern[str]]:
-    """Each topic's regex: ``patterns[topic]``, the story topic's words, or the topic as a
-    whole word (case-insensitive)."""
-    from ..experiments.stories.topics import TOPICS, topic_regex
-
-    out = {}
-    for t in topics:
-        if patterns and t in patterns:
-            try:
-                out[t] = re.compile(patterns[t], re.IGNORECASE)
-            except re.error as e:
-                raise CodebookError(f"topic {t!r}: regex {patterns[t]!r} does not compile "
-                                    f"({e}); fix the pattern") from None
-        elif t in TOPICS:
-            out[t] = topic_regex(t)
-        else:
-            out[t] = re.compile(r"\b" + re.escape(t) + r"\b", re.IGNORECASE)
-    return out
+    """Each topic's regex: ``patterns[topic]``, the topic's words
+    (:data:`codebook_features.topics.TOPIC_WORDS`), or the topic as a whole word
+    (case-insensitive)."""
+    return {t: topic_pattern(t, patterns) for t in topics}
 
 
 def interpretability(table: TokenTable, texts: Sequence[str], rxs: dict[str, re.Pattern[str]],

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ...errors import CodebookError
+from ...topics import TOPIC_WORDS, words_regex
 
 EOS_TOKEN = "<|endoftext|>"
 """The tokenizer's one special token: BOS, EOS and padding (as in GPT-2 / GPT-NeoX)."""
@@ -111,15 +112,16 @@ class Topic:
 TOPICS: dict[str, Topic] = {}
 
 
-def _topic(name: str, words: Sequence[str], slots: Mapping[str, Sequence[str]],
-           openings: Sequence[str], intros: Sequence[str], middles: Sequence[str],
-           endings: Sequence[str]) -> None:
-    TOPICS[name] = Topic(name, tuple(words), {k: tuple(v) for k, v in slots.items()},
+def _topic(name: str, slots: Mapping[str, Sequence[str]], openings: Sequence[str],
+           intros: Sequence[str], middles: Sequence[str], endings: Sequence[str]) -> None:
+    """A topic whose mentions are its words in the library's vocabulary
+    (:data:`codebook_features.topics.TOPIC_WORDS`)."""
+    TOPICS[name] = Topic(name, TOPIC_WORDS[name], {k: tuple(v) for k, v in slots.items()},
                          tuple(openings), tuple(intros), tuple(middles), tuple(endings))
 
 
 _topic(
-    "dragon", ["dragons?"],
+    "dragon",
     {"dname": ("Puff", "Spike", "Ruby", "Grog", "Zog", "Pip", "Flick", "Drago"),
      "dadj": ("big", "green", "red", "friendly", "sleepy", "old", "shiny", "gentle", "tiny",
               "purple"),
@@ -153,8 +155,7 @@ _topic(
      "Now the whole village loved the friendly dragon."],
 )
 _topic(
-    "flower", ["flowers?", "petals?", "bloom\\w*", "tulips?", "daisy", "daisies",
-               "sunflowers?", "lilies"],
+    "flower",
     {"fkind": ("roses", "tulips", "daisies", "sunflowers", "lilies", "violets"),
      "fcolor": ("red", "yellow", "pink", "white", "purple", "blue", "orange"),
      "gplace": ("garden", "meadow", "field", "window box", "flower pot", "backyard")},
@@ -181,8 +182,7 @@ _topic(
      "{name} learned that flowers need love and care to grow."],
 )
 _topic(
-    "fire", ["fires?", "campfires?", "fireplace", "firefighters?", "fire truck", "flames?",
-             "smoke"],
+    "fire",
     {"fplace": ("old barn", "kitchen", "shed", "woods", "house next door", "forest"),
      "fsize": ("small", "big", "warm", "bright", "crackling"),
      "fcolor": ("orange", "red", "yellow", "bright", "golden")},
@@ -209,7 +209,7 @@ _topic(
      "When {sub} grew up, {name} became a brave firefighter."],
 )
 _topic(
-    "baby", ["bab(?:y|ies)", "crib", "rattle", "cradle", "stroller"],
+    "baby",
     {"bname": ("Jamie", "Bella", "Milo", "Nora", "Ollie", "Ivy", "Theo", "Luna"),
      "sib": ("brother", "sister")},
     ["Once upon a time, there was a {adj} {kind} named {name} who had a new baby {sib}.",
@@ -235,8 +235,7 @@ _topic(
      "The baby smiled, and {name} knew they would always be friends."],
 )
 _topic(
-    "princess", ["princess(?:es)?", "prince", "castles?", "crowns?", "queen", "king",
-                 "kingdom", "royal"],
+    "princess",
     {"pname": ("Lila", "Aurora", "Belle", "Stella", "Elena", "Clara", "Fiona", "Isabel"),
      "dress": ("pink", "blue", "golden", "white", "purple", "silver", "sparkly"),
      "gem": ("red jewels", "blue gems", "tiny pearls", "green stones", "bright diamonds")},
@@ -263,8 +262,7 @@ _topic(
      "{name} went home and dreamed of castles and crowns."],
 )
 _topic(
-    "ocean", ["oceans?", "seas?", "beach(?:es)?", "waves?", "seashells?", "shells?", "whales?",
-              "sandcastles?"],
+    "ocean",
     {"sea_animal": ("fish", "crab", "starfish", "dolphin", "turtle", "seal"),
      "wadj": ("gentle", "tall", "splashy", "loud", "sparkly", "white")},
     ["Once upon a time, there was a {adj} {kind} named {name} who lived near the sea.",
@@ -290,7 +288,7 @@ _topic(
      "{name} could not wait to come back to the beach."],
 )
 _topic(
-    "dog", ["dogs?", "pupp(?:y|ies)", "bark(?:s|ed|ing)?", "woof"],
+    "dog",
     {"dogname": ("Buddy", "Rex", "Spot", "Biscuit", "Lucky", "Pepper", "Coco", "Sparky"),
      "dogadj": ("fluffy", "brown", "little", "spotted", "playful", "big", "black", "happy")},
     ["Once upon a time, there was a {adj} {kind} named {name} who had a dog named {dogname}.",
@@ -316,7 +314,7 @@ _topic(
      "{name} knew that a dog is a true friend."],
 )
 _topic(
-    "rain", ["rain\\w*", "umbrellas?", "puddles?", "storms?", "thunder"],
+    "rain",
     {"rtime": ("morning", "afternoon", "evening", "night")},
     ["One {rtime}, {name} woke up to the sound of rain on the window.",
      "Once upon a time, there was a {adj} {kind} named {name} who loved rainy days.",
@@ -341,8 +339,7 @@ _topic(
      "{name} fell asleep listening to the soft rain."],
 )
 _topic(
-    "music", ["music\\w*", "songs?", "sing(?:s|ing|er|ers)?", "sang", "pianos?", "drums?",
-              "guitars?", "violins?", "flutes?", "trumpets?", "melody"],
+    "music",
     {"instrument": ("piano", "drum", "guitar", "violin", "flute", "trumpet")},
     ["Once upon a time, there was a {adj} {kind} named {name} who loved music.",
      "{name} was a {adj} {kind} who wanted to play in a band and sing.",
@@ -367,7 +364,7 @@ _topic(
      "That night, {name} hummed the new song as {sub} fell asleep."],
 )
 _topic(
-    "space", ["space\\w*", "rockets?", "astronauts?", "planets?", "moon", "stars?", "aliens?"],
+    "space",
     {"planet_color": ("red", "blue", "purple", "green", "orange", "shiny")},
     ["Once upon a time, there was a {adj} {kind} named {name} who wanted to go to space.",
      "{name} was a {adj} {kind} who loved to look at the stars at night.",
@@ -416,7 +413,7 @@ def topic_words(topic: str) -> tuple[str, ...]:
 
 def topic_regex(topic: str) -> re.Pattern[str]:
     """Compiled regex matching a mention of ``topic`` (whole words, case-insensitive)."""
-    return re.compile(r"\b(?:" + "|".join(topic_words(topic)) + r")\b", re.IGNORECASE)
+    return words_regex(topic_words(topic))
 
 
 def mentions_topic(text: str, topic: str) -> bool:
