@@ -133,19 +133,15 @@ def test_demo_default_reproduces_the_paper_effects(tmp_path):
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
+    ks = report["config"]["ks"]
     assert report["base"]["state_acc"] >= 0.90
     assert report["attn_k1"]["state_acc"] >= report["base"]["state_acc"] - 0.02
-    assert report["attn_mlp_k1"]["state_acc"] < report["base"]["state_acc"] - 0.02
-    # recovery with k: the exact first-transition accuracy rises (0.900, 0.910, 0.920 in the
-    # README's run); the sampled state accuracy of 100 sequences is noisier (0.830, 0.879, 0.836)
-    assert report["attn_mlp_k16"]["first_transition_acc"] > \
-        report["attn_mlp_k1"]["first_transition_acc"]
-    assert max(report["attn_mlp_k4"]["state_acc"], report["attn_mlp_k16"]["state_acc"]) > \
-        report["attn_mlp_k1"]["state_acc"]
+    assert report[f"attn_mlp_k{ks[0]}"]["state_acc"] < report["base"]["state_acc"] - 0.02
+    assert report[f"attn_mlp_k{ks[-1]}"]["state_acc"] > report[f"attn_mlp_k{ks[0]}"]["state_acc"]
     assert report["state_codes"]["mean_precision"] >= 0.90
+    assert report["state_codes"]["mean_precision"] >= report["neurons"]["mean_precision"] + 0.2
     jsd = report["intervention"]["normalized_jsd"]
     single = [v for k, v in jsd.items() if k == "attn_layer0" or k.startswith("mlp_layer")]
-    assert jsd["attn_mlp_all"] <= 0.2
+    assert max(jsd["mlp_all"], jsd["attn_mlp_all"]) <= 0.2
     assert max(jsd["mlp_all"], jsd["attn_mlp_all"]) < min(single)
-    # every target is in the report with a verdict (met or not: none is left undecided)
     assert all(t["met"] in (True, False) for t in report["targets"])
