@@ -39,6 +39,7 @@ SITE_TESTS = ("tests/test_sites.py", "tests/test_model.py")
 TRAIN_TESTS = ("tests/test_dead_codes.py", "tests/test_training.py")
 INDEX_TESTS = ("tests/test_code_index.py", "tests/test_analysis_cli.py")
 FSM_TESTS = ("tests/test_fsm_metrics.py",)
+ANALYSIS_TESTS = ("tests/test_fsm_analysis.py",)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,19 @@ MUTANTS = [
            "best = np.maximum(best, need / (m + 1))",
            "best = np.maximum(best, need / (m + 2))",
            INDEX_TESTS, "neuron baseline counts one token too many"),
+    Mutant("patch_position", "experiments/tokfsm/analysis.py",
+           "pos = fsm.digits * (j + 1)  # A's final digit",
+           "pos = fsm.digits * (j + 1) - 1  # A's final digit",
+           ANALYSIS_TESTS, "B's codes patched at A's first digit, not its final one"),
+    Mutant("best_code_by_recall", "experiments/tokfsm/metrics/code_search.py",
+           "top = ok & (p_ok == p_ok.max(1, keepdim=True).values)",
+           "top = ok",
+           ANALYSIS_TESTS, "each state keeps its most frequent code, not its most precise"),
+    Mutant("remainder_mixed", "experiments/tokfsm/analysis.py",
+           'out["remainder"] = {"normalized_jsd": norm(extra), "conditions": extra}',
+           'out["remainder"] = {"normalized_jsd": dict(zip(extra, norm(list(extra)[::-1])'
+           '.values())), "conditions": extra}',
+           ANALYSIS_TESTS, "the remainder's figures under each other's names"),
 ]
 
 
