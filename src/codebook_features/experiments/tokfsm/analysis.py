@@ -184,13 +184,18 @@ def state_codes_vs_neurons(cbm, fsm, acts: Activations, targets: torch.Tensor,
     return {"state_codes": state_codes, "neurons": neurons}
 
 
+def _attn_and_mlp_sites(cbm) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The model's site specs, and the names of its attention and its MLP sites."""
+    specs = cbm.site_specs
+    return (specs, [n for n, s in specs.items() if s.placement in ATTN_PLACEMENTS],
+            [n for n, s in specs.items() if s.placement in MLP_PLACEMENTS])
+
+
 def patch_conditions(cbm) -> dict[str, list[str]]:
     """The paper's patching conditions over this model's sites: ``attn_layer0``,
     ``mlp_layer{i}`` for every layer with an MLP codebook, ``attn_all``, ``mlp_all``,
     ``attn_mlp_all`` (conditions without sites are left out)."""
-    specs = cbm.site_specs
-    attn = [n for n, s in specs.items() if s.placement in ATTN_PLACEMENTS]
-    mlp = [n for n, s in specs.items() if s.placement in MLP_PLACEMENTS]
+    specs, attn, mlp = _attn_and_mlp_sites(cbm)
     out: dict[str, list[str]] = {}
     first = [n for n in attn if specs[n].layer == 0]
     if first:
@@ -210,9 +215,7 @@ def remainder_conditions(cbm) -> dict[str, list[str]]:
     """Where ``mlp_all`` leaves divergence: every MLP codebook and one layer's attention
     codebooks, ``mlp_all+attn_layer{i}`` for every layer with attention codebooks. Not the
     paper's conditions: they show which attention layer still carries state A."""
-    specs = cbm.site_specs
-    mlp = [n for n, s in specs.items() if s.placement in MLP_PLACEMENTS]
-    attn = [n for n, s in specs.items() if s.placement in ATTN_PLACEMENTS]
+    specs, attn, mlp = _attn_and_mlp_sites(cbm)
     if not mlp:
         return {}
     return {f"mlp_all+attn_layer{layer}": mlp + [n for n in attn if specs[n].layer == layer]
